@@ -1,0 +1,3 @@
+"""gatewayd: an edge gateway daemon for CoAP/CBOR sensor nodes."""
+
+__version__ = "0.1.0"
