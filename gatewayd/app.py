@@ -1,0 +1,168 @@
+"""Wiring and lifecycle: start the parts in order, run until a signal, stop them in reverse."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+
+import aiocoap
+import structlog
+
+from gatewayd import coap, registry, systemd
+from gatewayd.batching import PluginQueue
+from gatewayd.config import Config
+from gatewayd.intake import Intake
+from gatewayd.mqtt import Publisher
+from gatewayd.router import Route, Router
+from gatewayd.store import Store
+from gatewayd.supervisor import PluginRunner
+
+log = structlog.get_logger("gatewayd.app")
+
+#: How long plugin runners get to finish their batch at shutdown.
+RUNNER_STOP_S = 10.0
+
+
+class App:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.stop_requested = asyncio.Event()
+        self.store: Store | None = None
+        self.publisher: Publisher | None = None
+        self.runners: list[PluginRunner] = []
+        self.intake: Intake | None = None
+        self.dedup: list[coap.DedupCache] = []
+        self.coap_ctx: aiocoap.Context | None = None
+        #: Set once the CoAP server answers (tests and the demo wait on it).
+        self.serving = asyncio.Event()
+
+    def request_stop(self, signame: str = "request") -> None:
+        """Signal handlers only set this flag; the main task does the shutdown."""
+        log.info("stop_requested", signal=signame)
+        self.stop_requested.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop, sig.name)
+        try:
+            return await self._run()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.remove_signal_handler(sig)
+
+    async def _run(self) -> int:
+        cfg = self.cfg
+        systemd.notify("STATUS=opening store")
+        store = self.store = await Store.open(
+            cfg.store.path,
+            synchronous=cfg.store.synchronous,
+            max_readings=cfg.store.max_readings,
+            max_group=cfg.store.max_group,
+        )
+        publisher = self.publisher = Publisher(cfg.mqtt, cfg.gateway.id, store)
+        store.on_commit = publisher.wake
+
+        routes = []
+        for p in cfg.plugins:
+            if not p.enabled:
+                continue
+            try:
+                target = registry.resolve(p.plugin)
+            except registry.PluginNotFound as e:
+                log.error("plugin_skipped", plugin=p.name, error=str(e))
+                continue
+            queue = PluginQueue(p.queue_size)
+            runner = PluginRunner(p, target, queue, store, on_state=self._publish_state)
+            self.runners.append(runner)
+            routes.append(Route(p.name, p.match, queue, p.retry_after_s))
+        forgotten = await store.forget_plugins_except(r.name for r in routes)
+        if forgotten:
+            log.warning("pending_dropped_for_unconfigured_plugins", readings=forgotten)
+        for route in routes:
+            backlog = await store.pending(route.name)
+            route.queue.put(backlog)
+            if backlog:
+                log.info("plugin_backlog_restored", plugin=route.name, readings=len(backlog))
+
+        self.intake = Intake(store, Router(routes), retry_after_s=cfg.store.retry_after_s)
+        self.coap_ctx, self.dedup = await coap.serve(self.intake, cfg.coap)
+        tasks = {
+            asyncio.create_task(publisher.run(), name="mqtt"),
+            *(asyncio.create_task(r.run(), name=f"plugin:{r.cfg.name}") for r in self.runners),
+        }
+        watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
+        log.info(
+            "serving",
+            coap=f"[{cfg.coap.bind}]:{cfg.coap.port}",
+            plugins=[r.cfg.name for r in self.runners],
+            store=str(cfg.store.path),
+            readings=store.readings_count,
+            outbox=store.outbox_count,
+        )
+        systemd.notify("READY=1", f"STATUS=serving on port {cfg.coap.port}")
+        self.serving.set()
+
+        stopper = asyncio.create_task(self.stop_requested.wait())
+        done, _ = await asyncio.wait({stopper, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+        crashed = [t for t in done if t is not stopper]
+        for t in crashed:
+            log.error("task_crashed", task=t.get_name(), error=repr(t.exception()))
+        await self._shutdown(tasks, watchdog, stopper)
+        return 1 if crashed else 0
+
+    async def _shutdown(self, tasks: set[asyncio.Task[None]], *others: asyncio.Task[object]) -> None:
+        t0 = time.monotonic()
+        systemd.notify("STOPPING=1", "STATUS=draining")
+        assert self.intake is not None and self.store is not None and self.publisher is not None
+        self.intake.closed = True
+        if self.coap_ctx is not None:
+            await self.coap_ctx.shutdown()
+        for r in self.runners:
+            r.stop()
+        runner_tasks = [t for t in tasks if t.get_name().startswith("plugin:")]
+        if runner_tasks:
+            _, late = await asyncio.wait(runner_tasks, timeout=RUNNER_STOP_S)
+            for t in late:
+                t.cancel()
+        self.publisher.stop(self.cfg.mqtt.drain_timeout_s)
+        mqtt_tasks = [t for t in tasks if t.get_name() == "mqtt"]
+        _, late = await asyncio.wait(mqtt_tasks, timeout=self.cfg.mqtt.drain_timeout_s + 5)
+        for t in late:
+            t.cancel()
+        for o in others:
+            o.cancel()
+        await asyncio.gather(*tasks, *others, return_exceptions=True)
+        await self.store.close()
+        log.info("stopped", seconds=round(time.monotonic() - t0, 3), outbox_left=self.store.outbox_count)
+
+    def _publish_state(self, runner: PluginRunner) -> None:
+        if self.publisher is not None:
+            self.publisher.set_live(
+                f"status/plugins/{runner.cfg.name}",
+                {
+                    "state": str(runner.state),
+                    "detail": runner.detail,
+                    "restarts": runner.restarts,
+                    "ts": time.time(),
+                },
+            )
+        systemd.notify(f"STATUS=plugin {runner.cfg.name}: {runner.state}")
+
+    async def _watchdog(self) -> None:
+        """WATCHDOG=1 at half the unit's interval while the loop and the store answer."""
+        interval = systemd.watchdog_interval_s()
+        if interval is None or self.store is None:
+            return
+        while True:
+            await asyncio.sleep(interval / 2)
+            try:
+                await asyncio.wait_for(self.store.ping(), interval / 4)
+            except Exception as e:
+                log.error("watchdog_store_unhealthy", error=repr(e))
+                continue  # no WATCHDOG=1: systemd restarts us if this persists
+            systemd.notify("WATCHDOG=1")

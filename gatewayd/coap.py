@@ -1,0 +1,158 @@
+"""The CoAP front: ``POST /s/{node}``, ``/.well-known/core``, and the limits aiocoap lacks.
+
+aiocoap remembers every (remote, message id) for EXCHANGE_LIFETIME (247 s) to
+answer duplicates, with a timer per message: about 1.5 KB per exchange, which
+grows without bound under load. :class:`DedupCache` replaces that memory with
+one bounded, insertion-ordered map (no timer per message): entries expire after
+``lifetime`` and the oldest go first when ``max_entries`` is reached.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Any
+
+import aiocoap
+import structlog
+from aiocoap import error, resource
+from aiocoap.messagemanager import MessageManager
+from aiocoap.numbers import codes
+from aiocoap.tokenmanager import TokenManager
+from aiocoap.util.linkformat import Link, LinkFormat
+
+from gatewayd.codec import SUPPORTED_FORMATS
+from gatewayd.config import CoapConfig
+from gatewayd.errors import TooLarge
+from gatewayd.intake import Intake
+
+log = structlog.get_logger("gatewayd.coap")
+
+READINGS_PATH = ("s",)
+
+
+class DedupCache:
+    """Bounded duplicate detection for one aiocoap MessageManager (RFC 7252 §4.5)."""
+
+    def __init__(self, max_entries: int, lifetime_s: float) -> None:
+        self.max_entries = max_entries
+        self.lifetime_s = lifetime_s
+        self._recent: OrderedDict[tuple[Any, int], list[Any]] = OrderedDict()
+        #: Entries dropped before their lifetime because the cache was full.
+        self.evicted_early = 0
+        self.duplicates = 0
+
+    def __len__(self) -> int:
+        return len(self._recent)
+
+    def install(self, mman: MessageManager) -> None:
+        def deduplicate(message: aiocoap.Message) -> bool:
+            key = (message.remote, message.mid)
+            now = time.monotonic()
+            entry = self._recent.get(key)
+            if entry is not None and entry[0] > now:
+                self.duplicates += 1
+                if message.mtype is aiocoap.CON and entry[1] is not None:
+                    mman._send_initially(entry[1])
+                return True
+            self._recent.pop(key, None)
+            self._expire(now)
+            self._recent[key] = [now + self.lifetime_s, None]
+            return False
+
+        def store_response(message: aiocoap.Message) -> None:
+            entry = self._recent.get((message.remote, message.mid))
+            if entry is not None:
+                entry[1] = message
+
+        mman._deduplicate_message = deduplicate
+        mman._store_response_for_duplicates = store_response
+        mman._recent_messages = self._recent
+
+    def _expire(self, now: float) -> None:
+        recent = self._recent
+        # All entries share one lifetime, so insertion order is expiry order.
+        while recent:
+            expiry = next(iter(recent.values()))[0]
+            if expiry > now and len(recent) < self.max_entries:
+                break
+            if expiry > now:
+                self.evicted_early += 1
+            recent.popitem(last=False)
+
+
+class ReadingsResource(resource.Resource, resource.PathCapable):
+    """``POST /s/{node}``: store the body's readings, answer 2.04 once they are durable."""
+
+    def __init__(self, intake: Intake, max_body_bytes: int) -> None:
+        super().__init__()  # aiocoap's block-wise state lives in the base class
+        self.intake = intake
+        self.max_body = max_body_bytes
+
+    def _too_large(self, size: int) -> TooLarge:
+        return TooLarge(f"body of {size} bytes exceeds {self.max_body}", self.max_body)
+
+    async def needs_blockwise_assembly(self, request: aiocoap.Message) -> bool:
+        # Called per block: refuse during the transfer, before the whole body is buffered.
+        block1 = request.opt.block1
+        if block1 is not None:
+            if request.opt.size1 is not None and request.opt.size1 > self.max_body:
+                raise self._too_large(request.opt.size1)
+            if block1.start + len(request.payload) > self.max_body:
+                raise self._too_large(block1.start + len(request.payload))
+        return True
+
+    async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
+        path = request.opt.uri_path
+        if len(path) != 1:
+            raise error.NotFound("use /s/{node}")
+        if len(request.payload) > self.max_body:
+            raise self._too_large(len(request.payload))
+        cf = request.opt.content_format
+        try:
+            await self.intake.accept(path[0], None if cf is None else int(cf), request.payload)
+        except error.RenderableError as e:
+            log.info(
+                "request_refused",
+                node=path[0],
+                code=str(e.code) if hasattr(e, "code") else "?",
+                diagnostic=getattr(e, "diagnostic", str(e)),
+            )
+            raise
+        except Exception:
+            log.exception("request_failed", node=path[0])
+            raise error.InternalServerError("internal error") from None
+        return aiocoap.Message(code=codes.CHANGED)
+
+
+def site(intake: Intake, cfg: CoapConfig) -> resource.Site:
+    root = resource.Site()
+    root.add_resource(READINGS_PATH, ReadingsResource(intake, cfg.max_body_bytes))
+    links = LinkFormat(
+        [
+            Link(
+                "/s",
+                rt="gatewayd.readings",
+                ct=" ".join(str(c) for c in SUPPORTED_FORMATS),
+                title="POST readings to /s/{node}",
+            )
+        ]
+    )
+    root.add_resource((".well-known", "core"), resource.WKCResource(lambda: links))
+    return root
+
+
+async def serve(intake: Intake, cfg: CoapConfig) -> tuple[aiocoap.Context, list[DedupCache]]:
+    """Start the UDP CoAP server; returns the context and its duplicate caches."""
+    ctx = await aiocoap.Context.create_server_context(
+        site(intake, cfg), bind=(cfg.bind, cfg.port), transports=["udp6"]
+    )
+    caches = []
+    for ri in ctx.request_interfaces:
+        if isinstance(ri, TokenManager) and isinstance(ri.token_interface, MessageManager):
+            cache = DedupCache(cfg.dedup_max_entries, cfg.dedup_lifetime_s)
+            cache.install(ri.token_interface)
+            caches.append(cache)
+    if not caches:
+        raise RuntimeError("aiocoap's UDP message manager not found: cannot bound duplicate memory")
+    return ctx, caches

@@ -1,0 +1,184 @@
+"""The gateway's TOML config, validated by pydantic, with errors that name file, line and key."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GatewayConfig(_Strict):
+    id: Annotated[str, Field(pattern=_NAME)] = "gw1"
+
+
+class CoapConfig(_Strict):
+    bind: str = "::"
+    port: Annotated[int, Field(ge=0, le=65535)] = 5683
+    #: Largest request body accepted, whole or block-wise (4.13 with Size1 above it).
+    max_body_bytes: Annotated[int, Field(ge=64, le=16 * 1024 * 1024)] = 8192
+    #: Cap on remembered (remote, message-id) pairs for duplicate detection; see README.
+    dedup_max_entries: Annotated[int, Field(ge=100)] = 20_000
+    #: How long a pair is remembered (RFC 7252 EXCHANGE_LIFETIME).
+    dedup_lifetime_s: Annotated[float, Field(gt=0, le=247)] = 247.0
+
+
+class StoreConfig(_Strict):
+    path: Path = Path("/var/lib/gatewayd/gatewayd.db")
+    #: Readings kept until published and processed; beyond this, POSTs get 5.03.
+    max_readings: Annotated[int, Field(ge=10)] = 1_000_000
+    #: SQLite synchronous mode in WAL: FULL survives power loss, NORMAL only a crash of gatewayd.
+    synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    #: Most requests folded into one commit.
+    max_group: Annotated[int, Field(ge=1, le=10_000)] = 512
+    #: Max-Age (seconds) sent with 5.03 when the store is full.
+    retry_after_s: Annotated[int, Field(ge=1, le=3600)] = 30
+
+
+class MqttConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    prefix: Annotated[str, Field(min_length=1)] = "gatewayd"
+    client_id: str | None = None
+    protocol: Literal["5", "3.1.1"] = "5"
+    keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
+    #: QoS 1 publishes in flight at once; each is deleted from the outbox only on PUBACK.
+    max_inflight: Annotated[int, Field(ge=1, le=1000)] = 100
+    backoff_initial_s: Annotated[float, Field(gt=0)] = 0.5
+    backoff_max_s: Annotated[float, Field(gt=0)] = 30.0
+    #: On shutdown, how long to keep publishing the outbox before leaving the rest for the next start.
+    drain_timeout_s: Annotated[float, Field(ge=0)] = 5.0
+
+    @field_validator("prefix")
+    @classmethod
+    def _no_wildcards(cls, v: str) -> str:
+        if any(c in v for c in "+#\0") or v.startswith("/") or v.endswith("/"):
+            raise ValueError("prefix must not contain + # NUL or start/end with /")
+        return v
+
+
+class MatchRule(_Strict):
+    """Which readings a plugin gets: all lists must match (an empty list matches anything)."""
+
+    #: Node ids, with shell-style wildcards ("pump-*").
+    nodes: list[str] = []
+    #: The reading must carry at least one of these fields.
+    fields: list[str] = []
+
+
+class PluginConfig(_Strict):
+    name: Annotated[str, Field(pattern=_NAME)]
+    #: An entry-point name in group gatewayd.plugins, or "module:Class".
+    plugin: Annotated[str, Field(min_length=1)]
+    enabled: bool = True
+    match: MatchRule = MatchRule()
+    max_batch: Annotated[int, Field(ge=1, le=4096)] = 32
+    max_wait_ms: Annotated[float, Field(ge=0, le=60_000)] = 20.0
+    #: Readings waiting for this plugin; beyond this, POSTs whose readings would go to it get 5.03.
+    queue_size: Annotated[int, Field(ge=1)] = 10_000
+    #: Per-batch deadline; a worker that takes longer is killed and restarted.
+    deadline_s: Annotated[float, Field(gt=0)] = 10.0
+    #: Attempts at one batch before its readings get error results.
+    max_attempts: Annotated[int, Field(ge=1, le=20)] = 3
+    backoff_initial_s: Annotated[float, Field(gt=0)] = 0.5
+    backoff_max_s: Annotated[float, Field(gt=0)] = 60.0
+    retry_after_s: Annotated[int, Field(ge=1, le=3600)] = 5
+    options: dict[str, Any] = {}
+
+
+class LogConfig(_Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+class Config(_Strict):
+    gateway: GatewayConfig = GatewayConfig()
+    coap: CoapConfig = CoapConfig()
+    store: StoreConfig = StoreConfig()
+    mqtt: MqttConfig = MqttConfig()
+    log: LogConfig = LogConfig()
+    plugins: list[PluginConfig] = []
+
+    @model_validator(mode="after")
+    def _unique_plugin_names(self) -> Config:
+        names = [p.name for p in self.plugins]
+        dups = sorted({n for n in names if names.count(n) > 1})
+        if dups:
+            raise ValueError(f"plugin names must be unique; repeated: {', '.join(dups)}")
+        return self
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; ``problems`` are 'file:line: key: message' lines."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def load(path: Path) -> Config:
+    """Read and validate a config file, or raise ConfigError naming file, line and key."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{path}: cannot read: {e}"]) from None
+    return parse(text, str(path))
+
+
+def parse(text: str, filename: str) -> Config:
+    """Validate TOML text; ``filename`` is used in error messages."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        # tomllib's message already ends with "(at line N, column M)".
+        raise ConfigError([f"{filename}: invalid TOML: {e}"]) from None
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = [p for p in err["loc"] if not isinstance(p, str) or not p.startswith("function-")]
+            line = _line_of(text, loc)
+            key = ".".join(str(p) for p in loc) or "(top level)"
+            problems.append(f"{filename}:{line}: {key}: {err['msg']}")
+        raise ConfigError(problems) from None
+
+
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+_KEY = re.compile(r"^\s*([A-Za-z0-9_\"'.-]+)\s*=")
+
+
+def _line_of(text: str, loc: list[int | str]) -> int:
+    """Best line for a pydantic error location: the key's line, else its table's header, else 1.
+
+    tomllib keeps no positions, so this walks the headers and keys: enough for
+    the config's flat tables, arrays of tables ([[plugins]]) and dotted keys.
+    """
+    counters: dict[str, int] = {}
+    table: list[int | str] = []
+    best = 1
+    for n, raw in enumerate(text.splitlines(), start=1):
+        if m := _HEADER.match(raw):
+            parts: list[int | str] = [p.strip().strip("\"'") for p in m.group(2).split(".")]
+            if m.group(1) == "[[":
+                name = ".".join(str(p) for p in parts)
+                counters[name] = counters.get(name, -1) + 1
+                parts.append(counters[name])
+            table = parts
+            if loc[: len(table)] == table:
+                best = n
+            continue
+        if m := _KEY.match(raw):
+            key: list[int | str] = [p.strip("\"'") for p in m.group(1).split(".")]
+            full = table + key
+            if loc[: len(full)] == full:
+                return n
+    return best

@@ -1,0 +1,64 @@
+"""Typed request errors: each knows the CoAP response it becomes."""
+
+from __future__ import annotations
+
+from aiocoap import Message, numbers
+from aiocoap.error import RenderableError
+
+
+class RequestError(RenderableError):
+    """An error that answers the request with ``code`` and a short text diagnostic.
+
+    aiocoap renders any RenderableError raised by a handler with ``to_message``.
+    """
+
+    code: numbers.Code = numbers.codes.BAD_REQUEST
+
+    def __init__(self, diagnostic: str) -> None:
+        super().__init__(diagnostic)
+        self.diagnostic = diagnostic
+
+    def to_message(self) -> Message:
+        msg = Message(code=self.code, payload=self.diagnostic.encode("utf-8")[:200])
+        msg.opt.content_format = 0  # text/plain
+        return msg
+
+
+class BadPayload(RequestError):
+    """The body is not valid CBOR or SenML-CBOR of the expected shape (4.00)."""
+
+
+class UnsupportedFormat(RequestError):
+    """The Content-Format is not one gatewayd accepts (4.15)."""
+
+    code = numbers.codes.UNSUPPORTED_CONTENT_FORMAT
+
+
+class TooLarge(RequestError):
+    """The body exceeds the configured maximum (4.13 with Size1 = that maximum)."""
+
+    code = numbers.codes.REQUEST_ENTITY_TOO_LARGE
+
+    def __init__(self, diagnostic: str, max_size: int) -> None:
+        super().__init__(diagnostic)
+        self.max_size = max_size
+
+    def to_message(self) -> Message:
+        msg = super().to_message()
+        msg.opt.size1 = self.max_size
+        return msg
+
+
+class Unavailable(RequestError):
+    """Store full, queue full or shutting down (5.03 with Max-Age = seconds to wait)."""
+
+    code = numbers.codes.SERVICE_UNAVAILABLE
+
+    def __init__(self, diagnostic: str, retry_after_s: int) -> None:
+        super().__init__(diagnostic)
+        self.retry_after_s = retry_after_s
+
+    def to_message(self) -> Message:
+        msg = super().to_message()
+        msg.opt.max_age = self.retry_after_s
+        return msg

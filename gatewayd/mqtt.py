@@ -1,0 +1,196 @@
+"""Publish the store's outbox to MQTT: in order, QoS 1, deleted only after the broker's PUBACK.
+
+Topics (``base`` = ``{prefix}/{gateway}``):
+  ``base/readings/{node}``          every accepted reading
+  ``base/results/{plugin}/{node}``  every plugin result
+  ``base/status``                   retained ``online``; ``offline`` is the last will
+  ``base/status/plugins/{plugin}``  retained JSON state of each plugin
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import random
+import time
+from typing import Any
+
+import aiomqtt
+import structlog
+
+from gatewayd.config import MqttConfig
+from gatewayd.store import OutboxEntry, Store, StoreError
+from gatewayd.supervisor import backoff_delay
+
+log = structlog.get_logger("gatewayd.mqtt")
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return base64.b64encode(v).decode("ascii")
+    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
+
+
+def encode(base: str, e: OutboxEntry) -> tuple[str, bytes]:
+    """The topic and JSON payload of an outbox entry; each payload carries the reading's id."""
+    r = e.reading
+    if e.plugin is None:
+        doc: dict[str, Any] = {"id": r.id, "node": r.node, "ts": r.ts, "fields": dict(r.fields)}
+        if r.units:
+            doc["units"] = dict(r.units)
+        topic = f"{base}/readings/{r.node}"
+    else:
+        doc = {**(e.result or {}), "reading_id": r.id, "node": r.node, "ts": r.ts, "plugin": e.plugin}
+        topic = f"{base}/results/{e.plugin}/{r.node}"
+    return topic, json.dumps(doc, default=_json_default, separators=(",", ":")).encode()
+
+
+class _Broken(Exception):
+    """A publish failed: leave the connection and reconnect."""
+
+
+class Publisher:
+    def __init__(self, cfg: MqttConfig, gateway: str, store: Store) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.base = f"{cfg.prefix}/{gateway}"
+        self.status_topic = f"{self.base}/status"
+        self.client_id = cfg.client_id or f"gatewayd-{gateway}"
+        self.connected = False
+        self.published = 0
+        self.reconnects = 0
+        self._wake = asyncio.Event()
+        self._live: dict[str, bytes] = {}
+        self._live_dirty: set[str] = set()
+        self._stopping = False
+        self._stop_by = 0.0
+        self._rng = random.Random()
+
+    def wake(self) -> None:
+        """New outbox entries exist: stop waiting."""
+        self._wake.set()
+
+    def set_live(self, suffix: str, doc: dict[str, Any]) -> None:
+        """Publish ``doc`` retained on ``base/suffix``, now if connected, else on connect."""
+        topic = f"{self.base}/{suffix}"
+        self._live[topic] = json.dumps(doc, separators=(",", ":")).encode()
+        self._live_dirty.add(topic)
+        self._wake.set()
+
+    def stop(self, timeout_s: float) -> None:
+        """Publish what is in the outbox for at most ``timeout_s`` more, then go offline."""
+        self._stopping = True
+        self._stop_by = time.monotonic() + timeout_s
+        self._wake.set()
+
+    async def run(self) -> None:
+        failures = 0
+        while True:
+            try:
+                async with self._client() as client:
+                    self.connected = True
+                    log.info("mqtt_connected", host=self.cfg.host, port=self.cfg.port, failures=failures)
+                    failures = 0
+                    await client.publish(self.status_topic, b"online", qos=1, retain=True)
+                    self._live_dirty = set(self._live)
+                    await self._drain(client)
+                    await client.publish(self.status_topic, b"offline", qos=1, retain=True)
+                    self.connected = False
+                    return
+            except (aiomqtt.MqttError, _Broken) as e:
+                self.connected = False
+                if self._stopping and time.monotonic() >= self._stop_by:
+                    log.warning("mqtt_stopped_disconnected", outbox=self.store.outbox_count)
+                    return
+                failures += 1
+                self.reconnects += 1
+                delay = backoff_delay(failures, self.cfg.backoff_initial_s, self.cfg.backoff_max_s, self._rng)
+                if self._stopping:
+                    delay = min(delay, max(0.0, self._stop_by - time.monotonic()))
+                log.warning("mqtt_disconnected", error=str(e), retry_in_s=round(delay, 2))
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wait_stop(), delay)
+
+    async def _wait_stop(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            await self._wake.wait()
+
+    def _client(self) -> aiomqtt.Client:
+        client = aiomqtt.Client(
+            self.cfg.host,
+            self.cfg.port,
+            identifier=self.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5 if self.cfg.protocol == "5" else aiomqtt.ProtocolVersion.V311,
+            will=aiomqtt.Will(self.status_topic, b"offline", qos=1, retain=True),
+            keepalive=self.cfg.keepalive_s,
+            timeout=10,
+            max_inflight_messages=self.cfg.max_inflight,
+        )
+        client.pending_calls_threshold = self.cfg.max_inflight * 2
+        return client
+
+    async def _drain(self, client: aiomqtt.Client) -> None:
+        """Publish outbox entries in order with up to max_inflight awaiting PUBACK."""
+        slots = asyncio.Semaphore(self.cfg.max_inflight)
+        acked: list[int] = []
+        failed: list[BaseException] = []
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def publish(e: OutboxEntry) -> None:
+            try:
+                topic, payload = encode(self.base, e)
+                await client.publish(topic, payload, qos=1)
+                acked.append(e.id)
+                self._wake.set()
+            except aiomqtt.MqttError as err:
+                failed.append(err)
+                self._wake.set()
+            finally:
+                slots.release()
+
+        cursor = 0  # after a reconnect everything not yet acknowledged is sent again
+        try:
+            while True:
+                self._wake.clear()
+                for topic in list(self._live_dirty):
+                    self._live_dirty.discard(topic)
+                    await client.publish(topic, self._live[topic], qos=1, retain=True)
+                if acked:
+                    done, acked[:] = list(acked), []
+                    await self._delete(done)
+                    self.published += len(done)
+                if failed:
+                    raise _Broken(str(failed[0]))
+                if self._stopping and time.monotonic() >= self._stop_by:
+                    log.warning("mqtt_drain_timeout", outbox=self.store.outbox_count)
+                    return
+                entries = await self.store.outbox_after(cursor, self.cfg.max_inflight)
+                if not entries:
+                    if self._stopping and not tasks:
+                        return
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), 1.0)
+                    continue
+                for e in entries:
+                    await slots.acquire()
+                    if failed:
+                        slots.release()
+                        break
+                    task = asyncio.create_task(publish(e))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                    cursor = e.id
+        finally:
+            for t in list(tasks):
+                t.cancel()
+
+    async def _delete(self, ids: list[int]) -> None:
+        try:
+            await self.store.outbox_delete(ids)
+        except StoreError as e:
+            # Not deleted means sent again later: a duplicate with the same id, never a loss.
+            log.error("outbox_delete_failed", error=str(e), count=len(ids))
