@@ -124,7 +124,9 @@ async def coap_client() -> AsyncIterator[aiocoap.Context]:
     await ctx.shutdown()
 
 
-async def post(ctx: aiocoap.Context, port: int, node: str, payload: bytes, cf: int | None = 60) -> aiocoap.Message:
+async def post(
+    ctx: aiocoap.Context, port: int, node: str, payload: bytes, cf: int | None = 60
+) -> aiocoap.Message:
     msg = aiocoap.Message(code=aiocoap.POST, uri=f"coap://127.0.0.1:{port}/s/{node}", payload=payload)
     if cf is not None:
         msg.opt.content_format = cf

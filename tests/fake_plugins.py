@@ -31,7 +31,9 @@ class Echo(Plugin):
                 time.sleep(3600)
             if "boom" in r.fields:
                 raise ValueError("boom requested")
-        return [Result(r.id, {"fields": sorted(r.fields), "batch": len(batch), "pid": os.getpid()}) for r in batch]
+        return [
+            Result(r.id, {"fields": sorted(r.fields), "batch": len(batch), "pid": os.getpid()}) for r in batch
+        ]
 
 
 class NotAPlugin:

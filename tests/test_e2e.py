@@ -12,15 +12,17 @@ import aiocoap
 import cbor2
 import pytest
 from aiocoap.numbers import codes
-
 from conftest import collect, make_config, post, running
+
 from gatewayd.testing import Mosquitto
 
 ANOMALY = {"name": "anomaly", "plugin": "anomaly", "max_wait_ms": 10}
 PUMP = {"temperature": 55.0, "humidity": 45.0, "vibration": 2.2}
 
 
-async def test_cbor_map_reading_and_result_reach_mqtt(tmp_path: Path, broker: Mosquitto, coap_client: aiocoap.Context) -> None:
+async def test_cbor_map_reading_and_result_reach_mqtt(
+    tmp_path: Path, broker: Mosquitto, coap_client: aiocoap.Context
+) -> None:
     """A CBOR map posted by aiocoap is answered 2.04 and appears on MQTT with its anomaly result."""
     cfg = make_config(tmp_path, broker.port, plugins=[ANOMALY])
     async with collect(broker.port) as got, running(cfg):
@@ -38,16 +40,17 @@ async def test_cbor_map_reading_and_result_reach_mqtt(tmp_path: Path, broker: Mo
 async def test_status_is_retained_online_and_offline_after_stop(tmp_path: Path, broker: Mosquitto) -> None:
     """The status topic is retained 'online' while running and 'offline' after a clean stop."""
     cfg = make_config(tmp_path, broker.port)
-    async with running(cfg):
-        async with collect(broker.port, "gatewayd/gw1/status") as got:
-            await got.wait(lambda g: bool(g.messages))
-            assert got.messages[0] == ("gatewayd/gw1/status", b"online", True)
+    async with running(cfg), collect(broker.port, "gatewayd/gw1/status") as got:
+        await got.wait(lambda g: bool(g.messages))
+        assert got.messages[0] == ("gatewayd/gw1/status", b"online", True)
     async with collect(broker.port, "gatewayd/gw1/status") as got:
         await got.wait(lambda g: bool(g.messages))
         assert got.messages[0] == ("gatewayd/gw1/status", b"offline", True)
 
 
-async def test_senml_pack_is_resolved(tmp_path: Path, broker: Mosquitto, coap_client: aiocoap.Context) -> None:
+async def test_senml_pack_is_resolved(
+    tmp_path: Path, broker: Mosquitto, coap_client: aiocoap.Context
+) -> None:
     """SenML-CBOR base name, base time and base unit are resolved; records at one time form one reading."""
     pack = [
         {-2: "pump.", -3: 1_700_000_000.0, -4: "Cel", 0: "temperature", 2: 51.5},
@@ -87,11 +90,14 @@ async def test_libcoap_client_posts_and_discovers(tmp_path: Path, broker: Mosqui
         assert "2.04" in out.stdout + out.stderr, out
         await got.wait(lambda g: g.json("readings/lc-1"))
         wkc = await asyncio.to_thread(
-            subprocess.run, [coap_client_exe(), "-m", "get", f"{base}/.well-known/core"],
-            capture_output=True, text=True, timeout=30,
+            subprocess.run,
+            [coap_client_exe(), "-m", "get", f"{base}/.well-known/core"],
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
     assert got.json("readings/lc-1")[0]["fields"] == {"temperature": 20.5}
-    assert '</s>' in wkc.stdout and "rt=\"gatewayd.readings\"" in wkc.stdout
+    assert "</s>" in wkc.stdout and 'rt="gatewayd.readings"' in wkc.stdout
 
 
 async def test_error_answers(tmp_path: Path, broker: Mosquitto, coap_client: aiocoap.Context) -> None:
@@ -146,8 +152,16 @@ async def test_plugin_queue_full_pushes_back_only_its_nodes(
     tmp_path: Path, broker: Mosquitto, coap_client: aiocoap.Context
 ) -> None:
     """A full plugin queue answers 5.03 + Max-Age to nodes routed to it; other nodes keep getting 2.04."""
-    slow = {"name": "echo", "plugin": "fake_plugins:Echo", "queue_size": 2, "retry_after_s": 3,
-            "match": {"nodes": ["busy-*"]}, "max_batch": 1, "deadline_s": 2, "max_attempts": 1}
+    slow = {
+        "name": "echo",
+        "plugin": "fake_plugins:Echo",
+        "queue_size": 2,
+        "retry_after_s": 3,
+        "match": {"nodes": ["busy-*"]},
+        "max_batch": 1,
+        "deadline_s": 2,
+        "max_attempts": 1,
+    }
     cfg = make_config(tmp_path, broker.port, plugins=[slow])
     async with running(cfg):
         port = cfg.coap.port
@@ -160,11 +174,13 @@ async def test_plugin_queue_full_pushes_back_only_its_nodes(
     assert other.code == codes.CHANGED
 
 
-async def test_well_known_core_lists_readings_resource(tmp_path: Path, broker: Mosquitto, coap_client: aiocoap.Context) -> None:
+async def test_well_known_core_lists_readings_resource(
+    tmp_path: Path, broker: Mosquitto, coap_client: aiocoap.Context
+) -> None:
     """GET /.well-known/core answers RFC 6690 link-format naming /s and its content formats."""
     cfg = make_config(tmp_path, broker.port)
     async with running(cfg):
         req = aiocoap.Message(code=aiocoap.GET, uri=f"coap://127.0.0.1:{cfg.coap.port}/.well-known/core")
         resp = await coap_client.request(req).response
     assert resp.code == codes.CONTENT and resp.opt.content_format == 40
-    assert b'</s>' in resp.payload and b'ct="60 112"' in resp.payload
+    assert b"</s>" in resp.payload and b'ct="60 112"' in resp.payload

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Install and run the whole test suite (lint, types, tests) on a fresh Debian machine.
+set -euo pipefail
+GATEWAYD_EXTRAS="[test]"
+source "$(dirname "${BASH_SOURCE[0]}")/../examples/setup.sh" libcoap3-bin
+cd "$ROOT"
+"$VENV/bin/ruff" check gatewayd plugins tests
+"$VENV/bin/mypy" gatewayd plugins/anomaly/gatewayd_anomaly
+set +e
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
+rc=$?
+set -e
+if [ $rc -eq 5 ]; then echo "pytest ran no tests: that is a failure"; exit 1; fi
+exit $rc
