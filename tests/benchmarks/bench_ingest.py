@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -123,6 +124,8 @@ class Stats:
     strays: int = 0
     #: Paced mode: requests due while every node still waited for its answer.
     skipped: int = 0
+    #: Empty ACKs: the server took over EMPTY_ACK_DELAY (0.1 s) and answered separately.
+    separate: int = 0
 
     @property
     def ok(self) -> int:
@@ -209,6 +212,7 @@ class _Node(asyncio.DatagramProtocol):
             self.gen.stats.strays += 1
         elif code == 0:  # empty ACK: stop retransmitting, wait for the separate response
             self.acked = True
+            self.gen.stats.separate += 1
             self.deadline = self.t0 + SEPARATE_TIMEOUT_S
         elif token != self.cur_token:
             self.gen.stats.strays += 1
@@ -340,6 +344,13 @@ def proc_status_kb(pid: int, key: str = "VmRSS") -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1])
     raise KeyError(key)
+
+
+def machine_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU jiffies of the whole machine (/proc/stat), to tell whether it is saturated."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
 
 
 def free_udp6_port() -> int:
@@ -545,6 +556,7 @@ class Row:
     broker_cpu_s: float | None
     server_rss_kb: int
     gen_cpu_pct: float
+    machine_busy_pct: float
     mqtt_lag_s: float | None = None
 
     @property
@@ -566,25 +578,29 @@ async def measure(
         await asyncio.sleep(warmup_s)
         gen.take_stats()
         cpu0, bcpu0 = proc_cpu_s(server.pid), proc_cpu_s(broker_pid) if broker_pid else 0.0
-        g0, t0 = time.process_time(), time.perf_counter()
+        g0, t0, m0 = time.process_time(), time.perf_counter(), machine_jiffies()
         await asyncio.sleep(seconds)
         st = gen.take_stats()
         wall = time.perf_counter() - t0
         gen_cpu = time.process_time() - g0
+        m1 = machine_jiffies()
+        busy = 100 * (m1[0] - m0[0]) / max(1, m1[1] - m0[1])
         cpu = proc_cpu_s(server.pid) - cpu0
         bcpu = proc_cpu_s(broker_pid) - bcpu0 if broker_pid else None
         rss = proc_status_kb(server.pid)
         tail = await gen.stop()
         st.timeouts += tail.timeouts  # a request given up during the drain still counts against the run
-        return Row(server.name, concurrency, wall, st, cpu, bcpu, rss, 100 * gen_cpu / wall), gen.total_ok
+        row = Row(server.name, concurrency, wall, st, cpu, bcpu, rss, 100 * gen_cpu / wall, busy)
+        return row, gen.total_ok
     finally:
         gen.close()
 
 
 def print_table(rows: list[Row]) -> None:
     head = (
-        f"{'server':<16}{'C':>4}{'req/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'2.04':>8}{'err':>5}{'retx':>5}"
-        f"{'tmo':>5}{'srv CPU s':>10}{'µs/req':>8}{'broker s':>9}{'RSS MB':>8}{'gen CPU':>8}{'mqtt lag':>9}"
+        f"{'server':<16}{'C':>4}{'req/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'2.04':>7}{'err':>4}{'retx':>5}"
+        f"{'tmo':>4}{'sep':>5}{'srv CPU s':>10}{'µs/req':>7}{'broker s':>9}{'RSS MB':>7}{'gen CPU':>8}"
+        f"{'all CPU':>8}{'mqtt lag':>9}"
     )
     print(head)
     print("-" * len(head))
@@ -593,10 +609,10 @@ def print_table(rows: list[Row]) -> None:
         broker = "-" if r.broker_cpu_s is None else f"{r.broker_cpu_s:.1f}"
         lag = "-" if r.mqtt_lag_s is None else f"{r.mqtt_lag_s:.1f}s"
         print(
-            f"{r.server:<16}{r.concurrency:>4}{r.rps:>9.0f}{st.pct_ms(0.5):>8.2f}{st.pct_ms(0.99):>8.2f}"
-            f"{st.ok:>8}{st.errors:>5}{st.retransmits:>5}{st.timeouts:>5}{r.server_cpu_s:>10.1f}"
-            f"{1e6 * r.server_cpu_s / max(1, st.ok):>8.0f}{broker:>9}{r.server_rss_kb / 1024:>8.1f}"
-            f"{r.gen_cpu_pct:>7.0f}%{lag:>9}"
+            f"{r.server:<16}{r.concurrency:>4}{r.rps:>8.0f}{st.pct_ms(0.5):>8.2f}{st.pct_ms(0.99):>8.2f}"
+            f"{st.ok:>7}{st.errors:>4}{st.retransmits:>5}{st.timeouts:>4}{st.separate:>5}"
+            f"{r.server_cpu_s:>10.1f}{1e6 * r.server_cpu_s / max(1, st.ok):>7.0f}{broker:>9}"
+            f"{r.server_rss_kb / 1024:>7.1f}{r.gen_cpu_pct:>7.0f}%{r.machine_busy_pct:>7.0f}%{lag:>9}"
         )
 
 
@@ -668,7 +684,7 @@ async def bench(args: argparse.Namespace) -> int:
         " NO plugins, log level warning."
     )
     print(
-        f"Python {sys.version.split()[0]}, aiocoap {getattr(aiocoap, '__version__', '?')},"
+        f"Python {sys.version.split()[0]}, aiocoap {importlib.metadata.version('aiocoap')},"
         f" {os.cpu_count()} CPUs shared by server, broker, MQTT subscriber and load generator."
     )
     print()
