@@ -198,20 +198,32 @@ class PluginRunner:
                 return
 
     async def _serve(self, worker: Worker) -> None:
-        while True:
-            batch = await self.queue.next_batch(self.cfg.max_batch, self.cfg.max_wait_ms / 1000)
-            if not batch:
-                return
-            try:
-                results = await self._process(worker, batch)
-            except BatchFailed as e:
-                await self._failed_attempt(batch, str(e))
-                continue
-            except WorkerFailed as e:
-                if not e.not_ready:
+        exited = asyncio.create_task(worker.proc.wait())
+        try:
+            while True:
+                next_batch = asyncio.create_task(
+                    self.queue.next_batch(self.cfg.max_batch, self.cfg.max_wait_ms / 1000)
+                )
+                await asyncio.wait({next_batch, exited}, return_when=asyncio.FIRST_COMPLETED)
+                if not next_batch.done():
+                    # Died while idle: no batch is to blame.
+                    next_batch.cancel()
+                    raise WorkerFailed(f"worker exited with code {exited.result()} while idle")
+                batch = next_batch.result()
+                if not batch:
+                    return
+                try:
+                    results = await self._process(worker, batch)
+                except BatchFailed as e:
                     await self._failed_attempt(batch, str(e))
-                raise
-            await self._complete(batch, results)
+                    continue
+                except WorkerFailed as e:
+                    if not e.not_ready:
+                        await self._failed_attempt(batch, str(e))
+                    raise
+                await self._complete(batch, results)
+        finally:
+            exited.cancel()
 
     async def _process(self, worker: Worker, batch: list[Reading]) -> dict[str, dict[str, Any]]:
         worker.send({"op": "process", "batch": [reading_to_wire(r) for r in batch]})

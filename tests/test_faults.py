@@ -269,3 +269,20 @@ def test_check_config_names_file_line_and_key(tmp_path: Path) -> None:
         timeout=60,
     )
     assert out.returncode == 0, out.stderr
+
+
+async def test_worker_killed_while_idle_is_restarted_without_blaming_a_batch(
+    tmp_path: Path, broker: Mosquitto, coap_client: aiocoap.Context
+) -> None:
+    """SIGKILL of an idle worker (as the OOM killer would): restarted, and the next reading is processed."""
+    cfg = make_config(tmp_path, broker.port, plugins=[{**ECHO, "max_attempts": 1}])
+    async with collect(broker.port) as got, running(cfg) as app:
+        await got.wait(lambda g: any(m["state"] == "ready" for m in g.json("status/plugins/echo")))
+        worker = app.runners[0]._worker
+        assert worker is not None
+        os.kill(worker.proc.pid, signal.SIGKILL)
+        await got.wait(lambda g: any(m["state"] == "backoff" for m in g.json("status/plugins/echo")))
+        assert (await post(coap_client, cfg.coap.port, "n", cbor2.dumps({"x": 1}))).code == codes.CHANGED
+        await got.wait(lambda g: g.json("results/echo/n"))
+    result = got.json("results/echo/n")[0]
+    assert result["fields"] == ["x"] and "error" not in result
