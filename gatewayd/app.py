@@ -65,7 +65,7 @@ class App:
             max_group=cfg.store.max_group,
         )
         publisher = self.publisher = Publisher(cfg.mqtt, cfg.gateway.id, store)
-        store.on_commit = publisher.wake
+        store.on_outbox = publisher.wake
 
         routes = []
         for p in cfg.plugins:

@@ -80,9 +80,10 @@ class Store:
         #: Readings held (written only on the writer thread).
         self.readings_count = 0
         self.outbox_count = 0
+        self._outbox_added = 0  # only ever grows; compared across a transaction
         self.commits = 0
-        #: Called on the event loop after each commit (the publisher's wake-up).
-        self.on_commit: Callable[[], None] = lambda: None
+        #: Called on the event loop after a commit that added outbox entries (the publisher's wake-up).
+        self.on_outbox: Callable[[], None] = lambda: None
 
     @classmethod
     async def open(
@@ -128,6 +129,7 @@ class Store:
                 out.append(Reading(self._id(seq), node, d.ts, d.fields, d.units))
             self.readings_count += len(drafts)
             self.outbox_count += len(drafts)
+            self._outbox_added += len(drafts)
             return out
 
         return await self._run(op)
@@ -143,6 +145,7 @@ class Store:
             rows = [(self.seq_of(rid), plugin, cbor2.dumps(data)) for rid, data in results.items()]
             db.executemany("INSERT INTO outbox (seq, plugin, result) VALUES (?, ?, ?)", rows)
             self.outbox_count += len(rows)
+            self._outbox_added += len(rows)
             self._collect(db, seqs)
 
         await self._run(op)
@@ -287,8 +290,10 @@ class Store:
                 else:
                     batch.append(nxt)
             if batch:
+                added_before = self._outbox_added
                 outcomes = self._transaction(db, batch)
-                loop.call_soon_threadsafe(_settle_all, outcomes, self.on_commit)
+                then = self.on_outbox if self._outbox_added != added_before else None
+                loop.call_soon_threadsafe(_settle_all, outcomes, then)
         with contextlib.suppress(sqlite3.Error):  # the WAL is replayed at the next open
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         db.close()
@@ -336,7 +341,8 @@ def _settle(fut: asyncio.Future[Any], value: Any, err: BaseException | None) -> 
         fut.set_result(value)
 
 
-def _settle_all(outcomes: list[_Outcome], then: Callable[[], None]) -> None:
+def _settle_all(outcomes: list[_Outcome], then: Callable[[], None] | None) -> None:
     for fut, value, err in outcomes:
         _settle(fut, value, err)
-    then()
+    if then is not None:
+        then()

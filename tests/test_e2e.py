@@ -188,3 +188,19 @@ async def test_well_known_core_lists_readings_resource(
         resp = await coap_client.request(req).response
     assert resp.code == codes.CONTENT and resp.opt.content_format == 40
     assert b"</s>" in resp.payload and b'ct="60 112"' in resp.payload
+
+
+async def test_idle_gateway_does_not_spin(
+    tmp_path: Path, broker: Mosquitto, coap_client: aiocoap.Context
+) -> None:
+    """With nothing to publish the publisher sleeps: a quiet second costs almost no store transactions."""
+    cfg = make_config(tmp_path, broker.port, plugins=[ANOMALY])
+    async with collect(broker.port) as got, running(cfg) as app:
+        assert (await post(coap_client, cfg.coap.port, "pump-1", cbor2.dumps(PUMP))).code == codes.CHANGED
+        await got.wait(lambda g: g.json("results/anomaly/pump-1"))
+        await asyncio.sleep(0.3)
+        assert app.store is not None
+        before = app.store.commits
+        await asyncio.sleep(1.0)
+        idle_commits = app.store.commits - before
+    assert idle_commits <= 3, idle_commits  # the publisher's 1 s poll, nothing more
