@@ -103,7 +103,7 @@ class ReadingsResource(resource.Resource, resource.PathCapable):
         return True
 
     async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
-        path = request.opt.uri_path
+        path = request.opt.uri_path[len(READINGS_PATH) :]
         if len(path) != 1:
             raise error.NotFound("use /s/{node}")
         if len(request.payload) > self.max_body:
@@ -125,9 +125,26 @@ class ReadingsResource(resource.Resource, resource.PathCapable):
         return aiocoap.Message(code=codes.CHANGED)
 
 
+class _Root(resource.Site):
+    """A Site that hands ``/s/...`` to the readings resource as is.
+
+    aiocoap's Site copies every request to strip the matched path: about a tenth
+    of the server's CPU per reading. The readings resource strips it itself.
+    """
+
+    def __init__(self, readings: ReadingsResource) -> None:
+        super().__init__()
+        self._readings = readings
+
+    def _find_child_and_pathstripped_message(self, request: aiocoap.Message) -> tuple[Any, aiocoap.Message]:
+        if request.opt.uri_path[: len(READINGS_PATH)] == READINGS_PATH:
+            return self._readings, request
+        found: tuple[Any, aiocoap.Message] = super()._find_child_and_pathstripped_message(request)
+        return found
+
+
 def site(intake: Intake, cfg: CoapConfig) -> resource.Site:
-    root = resource.Site()
-    root.add_resource(READINGS_PATH, ReadingsResource(intake, cfg.max_body_bytes))
+    root = _Root(ReadingsResource(intake, cfg.max_body_bytes))
     links = LinkFormat(
         [
             Link(

@@ -125,7 +125,10 @@ class Store:
                 seq = cur.lastrowid
                 assert seq is not None
                 db.execute("INSERT INTO outbox (seq) VALUES (?)", (seq,))
-                db.executemany("INSERT INTO pending (plugin, seq) VALUES (?, ?)", [(p, seq) for p in names])
+                if names:
+                    db.executemany(
+                        "INSERT INTO pending (plugin, seq) VALUES (?, ?)", [(p, seq) for p in names]
+                    )
                 out.append(Reading(self._id(seq), node, d.ts, d.fields, d.units))
             self.readings_count += len(drafts)
             self.outbox_count += len(drafts)
