@@ -80,7 +80,8 @@ class App:
             runner = PluginRunner(p, target, queue, store, on_state=self._publish_state)
             self.runners.append(runner)
             routes.append(Route(p.name, p.match, queue, p.retry_after_s))
-        forgotten = await store.forget_plugins_except(r.name for r in routes)
+        # A configured plugin that is missing now keeps its pending readings for when it is back.
+        forgotten = await store.forget_plugins_except(p.name for p in cfg.plugins if p.enabled)
         if forgotten:
             log.warning("pending_dropped_for_unconfigured_plugins", readings=forgotten)
         for route in routes:

@@ -67,14 +67,17 @@ class Worker:
 
     @classmethod
     async def start(cls) -> Worker:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gatewayd.worker",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            limit=MAX_FRAME,
-        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "gatewayd.worker",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                limit=MAX_FRAME,
+            )
+        except OSError as e:  # out of processes or memory: back off like any other failure
+            raise WorkerFailed(f"cannot start worker: {e}") from None
         return cls(proc)
 
     def send(self, obj: Any) -> None:
