@@ -2,7 +2,8 @@
 # Install and run the whole test suite (lint, types, tests) on a fresh Debian machine.
 set -euo pipefail
 GATEWAYD_EXTRAS="[test]"
-source "$(dirname "${BASH_SOURCE[0]}")/../examples/setup.sh" libcoap3-bin
+GATEWAYD_APT_EXTRA="libcoap3-bin"
+source "$(dirname "${BASH_SOURCE[0]}")/../examples/setup.sh"
 cd "$ROOT"
 "$VENV/bin/ruff" check gatewayd plugins tests
 "$VENV/bin/mypy" gatewayd plugins/anomaly/gatewayd_anomaly
