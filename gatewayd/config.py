@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -74,24 +75,67 @@ class MatchRule(_Strict):
     fields: list[str] = []
 
 
+class FallbackConfig(_Strict):
+    """What serves a plugin's readings while its main worker is in backoff or cooling down."""
+
+    #: Another plugin (entry point or module:Class); default: the same plugin with ``options``.
+    plugin: str | None = None
+    #: Options for the fallback, e.g. the path of an FP32 or smaller model.
+    options: dict[str, Any] = {}
+    #: Instead of a model, answer each reading with a result flagged ``degraded``.
+    degraded: bool = False
+
+
 class PluginConfig(_Strict):
     name: Annotated[str, Field(pattern=_NAME)]
     #: An entry-point name in group gatewayd.plugins, or "module:Class".
     plugin: Annotated[str, Field(min_length=1)]
     enabled: bool = True
     match: MatchRule = MatchRule()
+    #: Worker processes serving this plugin's queue.
+    instances: Annotated[int, Field(ge=1, le=64)] = 1
+    #: Under contention for inference slots a higher class is served first.
+    priority: Literal["high", "normal", "low"] = "normal"
+    #: onnxruntime intra-op threads per worker; default: the runtime's threads per slot.
+    threads: Annotated[int | None, Field(ge=1, le=256)] = None
     max_batch: Annotated[int, Field(ge=1, le=4096)] = 32
     max_wait_ms: Annotated[float, Field(ge=0, le=60_000)] = 20.0
     #: Readings waiting for this plugin; beyond this, POSTs whose readings would go to it get 5.03.
     queue_size: Annotated[int, Field(ge=1)] = 10_000
+    #: A reading older than this (from its ``ts``) when its batch would start gets an ``expired`` result.
+    max_age_s: Annotated[float | None, Field(gt=0)] = None
     #: Per-batch deadline; a worker that takes longer is killed and restarted.
     deadline_s: Annotated[float, Field(gt=0)] = 10.0
+    #: Time allowed to import, load and warm up.
+    load_timeout_s: Annotated[float, Field(gt=0)] = 120.0
     #: Attempts at one batch before its readings get error results.
     max_attempts: Annotated[int, Field(ge=1, le=20)] = 3
+    #: A worker whose RSS passes this between batches is replaced (native leaks).
+    memory_limit_mb: Annotated[int | None, Field(ge=16)] = None
     backoff_initial_s: Annotated[float, Field(gt=0)] = 0.5
     backoff_max_s: Annotated[float, Field(gt=0)] = 60.0
+    #: More than this many restarts within restart_window_s: cool down for cooldown_s, then try again.
+    restart_budget: Annotated[int, Field(ge=1)] = 5
+    restart_window_s: Annotated[float, Field(gt=0)] = 300.0
+    cooldown_s: Annotated[float, Field(gt=0)] = 120.0
     retry_after_s: Annotated[int, Field(ge=1, le=3600)] = 5
+    fallback: FallbackConfig | None = None
     options: dict[str, Any] = {}
+
+
+class RuntimeConfig(_Strict):
+    """The CPU budget shared by all plugins."""
+
+    #: Batches running at once across all plugins; default: the number of CPUs.
+    inference_slots: Annotated[int | None, Field(ge=1, le=256)] = None
+    #: onnxruntime intra-op threads per worker unless a plugin sets its own; default: CPUs / slots.
+    threads_per_slot: Annotated[int | None, Field(ge=1, le=256)] = None
+
+    def slots(self) -> int:
+        return self.inference_slots or os.cpu_count() or 1
+
+    def threads(self) -> int:
+        return self.threads_per_slot or max(1, (os.cpu_count() or 1) // self.slots())
 
 
 class LogConfig(_Strict):
@@ -105,6 +149,7 @@ class Config(_Strict):
     store: StoreConfig = StoreConfig()
     mqtt: MqttConfig = MqttConfig()
     log: LogConfig = LogConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
     plugins: list[PluginConfig] = []
 
     @model_validator(mode="after")

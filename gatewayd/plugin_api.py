@@ -6,18 +6,24 @@ publishes what it returns.
 
 Lifecycle of one plugin instance, as the supervisor drives it::
 
-    cls(options)        -> construct with the [plugins.options] table from config
-    plugin.load()       -> open model files (state: loading)
-    plugin.process(plugin.sample())  -> warm-up inference (state: warming)
-    plugin.process(batch) ...        -> serve (state: ready)
+    plugin = cls(options)         # the [plugins.options] table from config; validate it here
+    plugin.threads = n            # the worker's share of the CPU budget (before load)
+    plugin.load()                 # open model files                       state: loading
+    plugin.process(plugin.sample())  # one warm-up inference               state: warming
+    plugin.process(batch) ...     # serve                                  state: ready
 
-A plugin that raises :class:`PluginNotReady` from ``load`` or ``process`` asks
-to be retried later with backoff; any other exception counts as a failure of
-that batch (or of the load) and is retried a bounded number of times.
+Errors: raise :class:`PluginNotReady` from ``load`` or ``process`` to ask for
+a retry after a backoff (a model file not there yet, a device busy). Any other
+exception fails that load or that batch: a load is retried with exponential
+backoff (and a cool-down once the restart budget is spent); a batch is retried
+up to ``max_attempts`` times, then each of its readings is published with an
+``error`` result. A worker that crashes, hangs past ``deadline_s`` or grows
+past ``memory_limit_mb`` is replaced; the daemon itself never stops for it.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,7 +54,13 @@ class Reading:
 
 @dataclass(frozen=True, slots=True)
 class Result:
-    """What a plugin says about one reading; ``data`` must be JSON-serialisable."""
+    """What a plugin says about one reading.
+
+    ``data`` must be JSON-serialisable with finite numbers; it is published as
+    the result's payload, next to the keys the gateway adds (``reading_id``,
+    ``node``, ``ts``, ``plugin``, ``variant``). Put an ``error`` key in it for a
+    reading the plugin cannot judge.
+    """
 
     reading_id: str
     data: Mapping[str, Any]
@@ -60,6 +72,14 @@ class PluginError(Exception):
 
 class PluginNotReady(PluginError):
     """The plugin cannot serve yet (model missing, device busy): retry later with backoff."""
+
+
+def numeric(value: FieldValue | None) -> float | None:
+    """``value`` as a finite float, or None for text, bytes, booleans, NaN and infinities."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    f = float(value)
+    return f if math.isfinite(f) else None
 
 
 class Plugin(ABC):
@@ -76,19 +96,23 @@ class Plugin(ABC):
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         self.options = dict(options)
+        #: Intra-op threads this worker may use (pass it to onnxruntime's SessionOptions).
+        #: The gateway sets it before ``load`` from its CPU budget; 1 when run by hand.
+        self.threads = 1
 
     @abstractmethod
     def load(self) -> None:
-        """Open the model(s); called once per worker process before anything else."""
+        """Open the model(s); called once per worker process, after ``threads`` is set."""
 
     @abstractmethod
     def sample(self) -> Sequence[Reading]:
-        """Return a representative batch used for warm-up; the worker is ready after it succeeds."""
+        """A representative batch for warm-up, called after ``load``; the worker is ready once
+        ``process`` succeeds on it."""
 
     @abstractmethod
     def process(self, batch: Sequence[Reading]) -> Sequence[Result]:
-        """Turn a batch of readings into results, at most one per reading.
+        """Turn a batch of readings into results, at most one per reading, matched by ``reading_id``.
 
-        A reading left without a result is published with no result; return a
-        result carrying an ``error`` key for a reading the plugin cannot score.
+        Order does not matter; results for ids not in the batch are ignored. A
+        reading left without a result is marked processed with nothing published.
         """
