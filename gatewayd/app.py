@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import signal
 import time
+from pathlib import Path
 
 import aiocoap
 import structlog
@@ -16,6 +19,7 @@ from gatewayd.config import Config
 from gatewayd.intake import Intake
 from gatewayd.mqtt import Publisher
 from gatewayd.router import Route, Router
+from gatewayd.scheduler import Slots
 from gatewayd.store import Store
 from gatewayd.supervisor import PluginRunner
 
@@ -23,6 +27,10 @@ log = structlog.get_logger("gatewayd.app")
 
 #: How long plugin runners get to finish their batch at shutdown.
 RUNNER_STOP_S = 10.0
+
+
+def status_path(cfg: Config) -> Path:
+    return cfg.store.path.parent / "status.json"
 
 
 class App:
@@ -68,16 +76,21 @@ class App:
         store.on_outbox = publisher.wake
 
         routes = []
+        slots = Slots(cfg.runtime.slots())
         for p in cfg.plugins:
             if not p.enabled:
                 continue
             try:
                 target = registry.resolve(p.plugin)
+                fallback = p.fallback.plugin if p.fallback else None
+                fallback_target = registry.resolve(fallback) if fallback else None
             except registry.PluginNotFound as e:
                 log.error("plugin_skipped", plugin=p.name, error=str(e))
                 continue
             queue = PluginQueue(p.queue_size)
-            runner = PluginRunner(p, target, queue, store, on_state=self._publish_state)
+            runner = PluginRunner(
+                p, target, queue, store, slots, cfg.runtime.threads(), fallback_target, self._publish_state
+            )
             self.runners.append(runner)
             routes.append(Route(p.name, p.match, queue, p.retry_after_s))
         # A configured plugin that is missing now keeps its pending readings for when it is back.
@@ -107,6 +120,7 @@ class App:
         )
         systemd.notify("READY=1", f"STATUS=serving on port {cfg.coap.port}")
         self.serving.set()
+        self._write_status()
 
         stopper = asyncio.create_task(self.stop_requested.wait())
         done, _ = await asyncio.wait({stopper, *tasks}, return_when=asyncio.FIRST_COMPLETED)
@@ -138,21 +152,40 @@ class App:
         for o in others:
             o.cancel()
         await asyncio.gather(*tasks, *others, return_exceptions=True)
+        self._write_status()
         await self.store.close()
         log.info("stopped", seconds=round(time.monotonic() - t0, 3), outbox_left=self.store.outbox_count)
 
     def _publish_state(self, runner: PluginRunner) -> None:
+        snapshot = runner.snapshot()
         if self.publisher is not None:
-            self.publisher.set_live(
-                f"status/plugins/{runner.cfg.name}",
-                {
-                    "state": str(runner.state),
-                    "detail": runner.detail,
-                    "restarts": runner.restarts,
-                    "ts": time.time(),
-                },
-            )
-        systemd.notify(f"STATUS=plugin {runner.cfg.name}: {runner.state}")
+            self.publisher.set_live(f"status/plugins/{runner.cfg.name}", snapshot)
+        self._write_status()
+        systemd.notify(f"STATUS=plugin {runner.cfg.name}: {snapshot['state']}")
+
+    def status(self) -> dict[str, object]:
+        """What `gatewayd status` shows: the daemon's and each plugin's state."""
+        store = self.store
+        return {
+            "pid": os.getpid(),
+            "gateway": self.cfg.gateway.id,
+            "serving": self.serving.is_set() and not self.stop_requested.is_set(),
+            "mqtt_connected": bool(self.publisher and self.publisher.connected),
+            "readings_stored": store.readings_count if store else None,
+            "outbox": store.outbox_count if store else None,
+            "plugins": {r.cfg.name: r.snapshot() for r in self.runners},
+            "ts": time.time(),
+        }
+
+    def _write_status(self) -> None:
+        """Write status.json beside the store, atomically, for `gatewayd status`."""
+        path = status_path(self.cfg)
+        tmp = path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(self.status(), indent=1))
+            tmp.replace(path)
+        except OSError as e:
+            log.warning("status_write_failed", error=str(e))
 
     async def _watchdog(self) -> None:
         """WATCHDOG=1 at half the unit's interval while the loop and the store answer."""

@@ -1,10 +1,12 @@
-"""The parent side of plugin workers: start, feed, time out, kill and restart with backoff.
+"""The parent side of plugin workers: start, feed, time out, recycle, and restart with backoff.
 
-One :class:`PluginRunner` per configured plugin. A worker that dies, hangs past
-its deadline or fails to load is replaced after an exponential backoff with
-jitter; the daemon keeps accepting and storing readings meanwhile. A batch that
-keeps failing is answered with error results after ``max_attempts``, so one
-poisonous reading cannot stall its plugin for ever.
+One :class:`PluginRunner` per configured plugin runs ``instances`` worker
+loops over the plugin's queue, and a fallback while no main worker is ready.
+A worker that dies, hangs past its deadline or fails to load is replaced after
+an exponential backoff with jitter; more than ``restart_budget`` restarts in
+``restart_window_s`` put the plugin in a cool-down, after which it is tried
+again: it is never left dead until a person acts. The daemon keeps accepting
+and storing readings whatever a plugin does.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import os
 import random
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import cbor2
@@ -24,13 +29,14 @@ import structlog
 from gatewayd.batching import PluginQueue
 from gatewayd.config import PluginConfig
 from gatewayd.plugin_api import Reading
+from gatewayd.scheduler import Slots
 from gatewayd.store import Store, StoreError
 from gatewayd.worker import HEADER, MAX_FRAME, encode_frame, reading_to_wire
 
-#: How long a worker may take to import, load and warm up its model.
-LOAD_TIMEOUT_S = 120.0
 #: A worker that served this long resets the backoff.
 HEALTHY_AFTER_S = 30.0
+
+Results = dict[str, dict[str, Any]]
 
 
 class State(enum.StrEnum):
@@ -38,11 +44,13 @@ class State(enum.StrEnum):
     WARMING = "warming"
     READY = "ready"
     BACKOFF = "backoff"
+    COOLING_DOWN = "cooling-down"
+    DEGRADED = "degraded"  # the plugin as a whole: no main worker ready, the fallback serves
     STOPPED = "stopped"
 
 
 class WorkerFailed(Exception):
-    """The worker process is gone or unusable; ``not_ready`` asks for plain backoff."""
+    """The worker process is gone or unusable; ``not_ready`` means the plugin asked for backoff."""
 
     def __init__(self, reason: str, *, not_ready: bool = False) -> None:
         super().__init__(reason)
@@ -54,9 +62,15 @@ class BatchFailed(Exception):
 
 
 def backoff_delay(failures: int, initial: float, maximum: float, rng: random.Random) -> float:
-    """Exponential backoff with full jitter in [d/2, d], so restarting fleets do not synchronise."""
+    """Exponential backoff with jitter in [d/2, d], so restarting fleets do not synchronise."""
     d = min(maximum, initial * 2 ** max(0, failures - 1))
     return rng.uniform(d / 2, d)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadInfo:
+    version: str
+    warmup_s: float
 
 
 class Worker:
@@ -66,25 +80,69 @@ class Worker:
         self.proc = proc
 
     @classmethod
-    async def start(cls) -> Worker:
+    async def start(cls, threads: int = 1) -> Worker:
+        # Native libraries size their own pools from these; keep them to the worker's share.
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads)}
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "gatewayd.worker",
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                limit=MAX_FRAME,
-            )
+                sys.executable, "-m", "gatewayd.worker",
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=MAX_FRAME, env=env,
+            )  # fmt: skip
         except OSError as e:  # out of processes or memory: back off like any other failure
             raise WorkerFailed(f"cannot start worker: {e}") from None
         return cls(proc)
 
-    def send(self, obj: Any) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(encode_frame(obj))
+    async def load(
+        self, target: str, options: dict[str, Any], threads: int, timeout_s: float,
+        on_warming: Callable[[], None] = lambda: None,
+    ) -> LoadInfo:  # fmt: skip
+        """Import, construct, load and warm up the plugin in the worker."""
+        self._send({"op": "load", "target": target, "options": options, "threads": threads})
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                reply = await asyncio.wait_for(self._receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                self.kill()
+                raise WorkerFailed(f"load took longer than {timeout_s:.0f}s") from None
+            if "error" in reply:
+                raise WorkerFailed(f"load failed: {reply['error']}", not_ready=reply.get("not_ready", False))
+            if reply.get("state") == "warming":
+                on_warming()
+            elif reply.get("state") == "ready":
+                return LoadInfo(str(reply.get("version", "?")), float(reply["warmup_s"]))
 
-    async def receive(self) -> dict[str, Any]:
+    async def process(self, batch: list[Reading], deadline_s: float) -> Results:
+        """Results by reading id; BatchFailed if the plugin raised, WorkerFailed if the worker is lost."""
+        self._send({"op": "process", "batch": [reading_to_wire(r) for r in batch]})
+        try:
+            reply = await asyncio.wait_for(self._receive(), deadline_s)
+        except TimeoutError:
+            self.kill()
+            raise WorkerFailed(f"batch of {len(batch)} passed its {deadline_s}s deadline") from None
+        if "error" in reply:
+            if reply.get("not_ready"):
+                raise WorkerFailed(f"plugin not ready: {reply['error']}", not_ready=True)
+            raise BatchFailed(reply["error"])
+        ids = {r.id for r in batch}
+        return {rid: data for rid, data in reply["results"] if rid in ids}
+
+    def rss_mb(self) -> float:
+        """The worker's resident memory, from /proc (0 where unavailable)."""
+        with contextlib.suppress(OSError, ValueError), open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def _send(self, obj: Any) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(encode_frame(obj))
+        except (BrokenPipeError, ConnectionResetError) as e:
+            raise WorkerFailed(f"worker pipe closed: {e}") from None
+
+    async def _receive(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
         try:
             head = await self.proc.stdout.readexactly(HEADER.size)
@@ -111,8 +169,22 @@ class Worker:
             self.proc.kill()
 
 
+@dataclass
+class Instance:
+    """One worker loop of a plugin: main instances 0..n-1, or the fallback."""
+
+    label: str
+    variant: str  # "main" or "fallback": published with each result
+    target: str
+    options: dict[str, Any]
+    state: State = State.STOPPED
+    detail: str = ""
+    pid: int | None = None
+    worker: Worker | None = None
+
+
 class PluginRunner:
-    """Runs one configured plugin: its worker, its batches, its state."""
+    """Runs one configured plugin: its workers, its batches, its fallback and its state."""
 
     def __init__(
         self,
@@ -120,138 +192,284 @@ class PluginRunner:
         target: str,
         queue: PluginQueue,
         store: Store,
+        slots: Slots,
+        threads: int,
+        fallback_target: str | None = None,
         on_state: Callable[[PluginRunner], None] = lambda r: None,
     ) -> None:
         self.cfg = cfg
-        self.target = target
         self.queue = queue
         self.store = store
+        self.slots = slots
+        self.threads = threads
         self.on_state = on_state
-        self.state = State.STOPPED
-        self.detail = ""
+        self.log = structlog.get_logger("gatewayd.supervisor").bind(plugin=cfg.name)
+        self.instances = [Instance(f"main-{i}", "main", target, cfg.options) for i in range(cfg.instances)]
+        self.fallback: Instance | None = None
+        if cfg.fallback is not None and not cfg.fallback.degraded:
+            self.fallback = Instance("fallback", "fallback", fallback_target or target, cfg.fallback.options)
+        self.fallback_active = False
+        # Counters, for status and metrics.
         self.restarts = 0
         self.batches = 0
-        self.log = structlog.get_logger("gatewayd.supervisor").bind(plugin=cfg.name)
+        self.processed = 0
+        self.errors = 0
+        self.expired = 0
+        self.recycled = 0
+        self.batch_sizes: deque[int] = deque(maxlen=256)
         self._rng = random.Random()
-        self._attempts = 0  # failed attempts at the batch now at the head of the queue
+        self._attempts: dict[str, int] = {}  # failed attempts per reading id
+        self._suspects: set[str] = set()  # readings of failed batches, retried one by one
+        self._restart_times: deque[float] = deque()
+        self._cooling_until = 0.0
+        self._latency_s = 0.0  # moving average of a batch's time, for max_age
         self._stopping = False
         self._stopped = asyncio.Event()
-        self._worker: Worker | None = None
+        self._changed = asyncio.Event()
 
-    def _set(self, state: State, detail: str = "") -> None:
-        if (state, detail) != (self.state, self.detail):
-            self.state, self.detail = state, detail
-            self.log.info("plugin_state", state=str(state), detail=detail)
+    # -- state ------------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        states = {i.state for i in self.instances}
+        if State.READY in states:
+            return State.READY
+        if self.fallback_active:
+            return State.DEGRADED
+        for s in (State.WARMING, State.LOADING, State.BACKOFF, State.COOLING_DOWN):
+            if s in states:
+                return s
+        return State.STOPPED
+
+    @property
+    def detail(self) -> str:
+        return "; ".join(f"{i.label}: {i.detail}" for i in self._all() if i.detail)
+
+    def _all(self) -> list[Instance]:
+        return [*self.instances, *([self.fallback] if self.fallback else [])]
+
+    def snapshot(self) -> dict[str, Any]:
+        """The plugin's state and counters, as published on its status topic."""
+        return {
+            "state": str(self.state),
+            "detail": self.detail,
+            "instances": {i.label: {"state": str(i.state), "pid": i.pid} for i in self._all()},
+            "restarts": self.restarts,
+            "batches": self.batches,
+            "processed": self.processed,
+            "errors": self.errors,
+            "expired": self.expired,
+            "recycled": self.recycled,
+            "queue": self.queue.waiting,
+            "ts": time.time(),
+        }
+
+    def _set(self, inst: Instance, state: State, detail: str = "") -> None:
+        if (state, detail) != (inst.state, inst.detail):
+            inst.state, inst.detail = state, detail
+            self.log.info("plugin_state", instance=inst.label, state=str(state), detail=detail, pid=inst.pid)
+            self._changed.set()
             self.on_state(self)
 
+    # -- lifecycle ----------------------------------------------------------------------
+
     def stop(self) -> None:
-        """Ask the runner to finish its current batch and stop."""
+        """Ask the runner to finish its current batches and stop."""
         self._stopping = True
         self._stopped.set()
+        self._changed.set()
         self.queue.close()
 
     async def run(self) -> None:
-        failures = 0
-        while not self._stopping:
-            started = time.monotonic()
-            try:
-                self._set(State.LOADING)
-                self._worker = await Worker.start()
-                await self._load(self._worker)
-                self._set(State.READY)
-                await self._serve(self._worker)
-            except WorkerFailed as e:
-                if self._stopping:
-                    break
-                if time.monotonic() - started > HEALTHY_AFTER_S:
-                    failures = 0
-                failures += 1
-                self.restarts += 1
-                delay = backoff_delay(failures, self.cfg.backoff_initial_s, self.cfg.backoff_max_s, self._rng)
-                self._set(State.BACKOFF, f"{e}; retry in {delay:.1f}s")
-                await self._sleep(delay)
-            finally:
-                if self._worker is not None:
-                    await self._worker.stop()
-                    self._worker = None
-        self._set(State.STOPPED)
+        loops = [self._instance_loop(i) for i in self.instances]
+        if self.cfg.fallback is not None:
+            loops.append(self._fallback_loop())
+        await asyncio.gather(*loops)
 
     async def _sleep(self, delay: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopped.wait(), delay)
 
-    async def _load(self, worker: Worker) -> None:
-        worker.send({"op": "load", "target": self.target, "options": self.cfg.options})
-        deadline = time.monotonic() + LOAD_TIMEOUT_S
-        while True:
+    async def _instance_loop(self, inst: Instance) -> None:
+        failures = 0
+        while not self._stopping:
+            if (wait := self._cooling_until - time.monotonic()) > 0:
+                self._set(inst, State.COOLING_DOWN, f"restart budget spent; trying again in {wait:.0f}s")
+                await self._sleep(wait)
+                continue
+            started = time.monotonic()
             try:
-                reply = await asyncio.wait_for(worker.receive(), max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                worker.kill()
-                raise WorkerFailed(f"load took longer than {LOAD_TIMEOUT_S:.0f}s") from None
-            if "error" in reply:
-                self.log.error("plugin_load_failed", error=reply["error"], trace=reply.get("trace"))
-                raise WorkerFailed(f"load failed: {reply['error']}", not_ready=reply.get("not_ready", False))
-            if reply.get("state") == "warming":
-                self._set(State.WARMING)
-            elif reply.get("state") == "ready":
-                self.log.info(
-                    "plugin_warm", warmup_s=round(reply["warmup_s"], 4), version=reply.get("version")
-                )
-                return
+                self._set(inst, State.LOADING)
+                inst.worker = await Worker.start(self.cfg.threads or self.threads)
+                inst.pid = inst.worker.proc.pid
+                info = await inst.worker.load(
+                    inst.target, inst.options, self.cfg.threads or self.threads, self.cfg.load_timeout_s,
+                    on_warming=lambda: self._set(inst, State.WARMING),
+                )  # fmt: skip
+                self.log.info("plugin_warm", instance=inst.label, warmup_s=round(info.warmup_s, 4),
+                              version=info.version)  # fmt: skip
+                self._set(inst, State.READY)
+                await self._serve(inst, inst.worker)  # returns on stop, or to recycle the worker
+            except WorkerFailed as e:
+                if self._stopping:
+                    break
+                self.log.warning("worker_failed", instance=inst.label, error=str(e))
+                failures = 1 if time.monotonic() - started > HEALTHY_AFTER_S else failures + 1
+                self.restarts += 1
+                if self._over_budget():
+                    self._cooling_until = time.monotonic() + self.cfg.cooldown_s
+                    failures = 0
+                    continue
+                delay = backoff_delay(failures, self.cfg.backoff_initial_s, self.cfg.backoff_max_s, self._rng)
+                self._set(inst, State.BACKOFF, f"{e}; retry in {delay:.1f}s")
+                await self._sleep(delay)
+            finally:
+                if inst.worker is not None:
+                    await inst.worker.stop()
+                    inst.worker, inst.pid = None, None
+        self._set(inst, State.STOPPED)
 
-    async def _serve(self, worker: Worker) -> None:
+    def _over_budget(self) -> bool:
+        now = time.monotonic()
+        self._restart_times.append(now)
+        while self._restart_times and self._restart_times[0] < now - self.cfg.restart_window_s:
+            self._restart_times.popleft()
+        if len(self._restart_times) > self.cfg.restart_budget:
+            self._restart_times.clear()
+            self.log.error("restart_budget_spent", cooldown_s=self.cfg.cooldown_s)
+            return True
+        return False
+
+    async def _fallback_loop(self) -> None:
+        """Serve the queue with the fallback while no main instance is ready."""
+        while not self._stopping:
+            self._changed.clear()
+            if self.state in (State.BACKOFF, State.COOLING_DOWN):
+                self.fallback_active = True
+                self.log.warning("fallback_on", degraded=self.fallback is None)
+                serving = asyncio.create_task(
+                    self._instance_loop(self.fallback) if self.fallback else self._serve_degraded()
+                )
+                while not self._stopping and not any(i.state == State.READY for i in self.instances):
+                    self._changed.clear()
+                    await self._changed.wait()
+                serving.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await serving
+                if self.fallback is not None:
+                    self._set(self.fallback, State.STOPPED)
+                self.fallback_active = False
+                self.log.info("fallback_off")
+                self.on_state(self)
+                continue
+            await self._changed.wait()
+
+    # -- serving ---------------------------------------------------------------------------
+
+    async def _take(self) -> list[Reading]:
+        """The next batch, minus expired readings; a suspect of a failed batch goes alone."""
+        while True:
+            batch = await self.queue.next_batch(self.cfg.max_batch, self.cfg.max_wait_ms / 1000)
+            if not batch:
+                return []
+            if self._suspects and len(batch) > 1:
+                alone = next((r for r in batch if r.id in self._suspects), None)
+                if alone is not None:
+                    self.queue.requeue([r for r in batch if r is not alone])
+                    batch = [alone]
+            batch = await self._drop_expired(batch)
+            if batch:
+                return batch
+
+    async def _drop_expired(self, batch: list[Reading]) -> list[Reading]:
+        if self.cfg.max_age_s is None:
+            return batch
+        due = time.time() + self._latency_s  # when a result would be out
+        old = [r for r in batch if due - r.ts > self.cfg.max_age_s]
+        if not old:
+            return batch
+        self.expired += len(old)
+        self.log.warning("readings_expired", count=len(old), max_age_s=self.cfg.max_age_s)
+        await self._complete(old, {r.id: {"expired": True, "error": f"older than max_age_s "
+                                           f"{self.cfg.max_age_s:g} s when its turn came"} for r in old},
+                             "expired")  # fmt: skip
+        return [r for r in batch if r not in old]
+
+    async def _serve(self, inst: Instance, worker: Worker) -> None:
         exited = asyncio.create_task(worker.proc.wait())
         try:
             while True:
-                next_batch = asyncio.create_task(
-                    self.queue.next_batch(self.cfg.max_batch, self.cfg.max_wait_ms / 1000)
-                )
-                await asyncio.wait({next_batch, exited}, return_when=asyncio.FIRST_COMPLETED)
-                if not next_batch.done():
-                    # Died while idle: no batch is to blame.
-                    next_batch.cancel()
+                taking = asyncio.create_task(self._take())
+                await asyncio.wait({taking, exited}, return_when=asyncio.FIRST_COMPLETED)
+                if not taking.done():
+                    taking.cancel()  # died while idle: no batch is to blame
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await taking
                     raise WorkerFailed(f"worker exited with code {exited.result()} while idle")
-                batch = next_batch.result()
+                batch = taking.result()
                 if not batch:
                     return
-                try:
-                    results = await self._process(worker, batch)
-                except BatchFailed as e:
-                    await self._failed_attempt(batch, str(e))
-                    continue
-                except WorkerFailed as e:
-                    if not e.not_ready:
-                        await self._failed_attempt(batch, str(e))
-                    raise
-                await self._complete(batch, results)
+                await self._run_batch(inst, worker, batch)
+                limit = self.cfg.memory_limit_mb
+                if limit is not None and (rss := worker.rss_mb()) > limit:
+                    self.recycled += 1
+                    self.log.warning(
+                        "worker_recycled", instance=inst.label, rss_mb=round(rss, 1), limit_mb=limit
+                    )
+                    return
         finally:
             exited.cancel()
 
-    async def _process(self, worker: Worker, batch: list[Reading]) -> dict[str, dict[str, Any]]:
-        worker.send({"op": "process", "batch": [reading_to_wire(r) for r in batch]})
+    async def _run_batch(self, inst: Instance, worker: Worker, batch: list[Reading]) -> None:
+        t0 = time.monotonic()
         try:
-            reply = await asyncio.wait_for(worker.receive(), self.cfg.deadline_s)
-        except TimeoutError:
-            worker.kill()
-            raise WorkerFailed(f"batch of {len(batch)} passed its {self.cfg.deadline_s}s deadline") from None
-        if "error" in reply:
-            if reply.get("not_ready"):
-                raise WorkerFailed(f"plugin not ready: {reply['error']}", not_ready=True)
-            self.log.warning("batch_failed", error=reply["error"], trace=reply.get("trace"), size=len(batch))
-            raise BatchFailed(reply["error"])
-        ids = {r.id for r in batch}
-        return {rid: data for rid, data in reply["results"] if rid in ids}
+            async with self.slots.slot(self.cfg.priority):
+                results = await worker.process(batch, self.cfg.deadline_s)
+        except BatchFailed as e:
+            self.log.warning("batch_failed", instance=inst.label, error=str(e), size=len(batch))
+            await self._failed(batch, str(e))
+            return
+        except WorkerFailed as e:
+            if e.not_ready:
+                self.queue.requeue(batch)
+            else:
+                await self._failed(batch, str(e))
+            raise
+        except asyncio.CancelledError:
+            self.queue.requeue(batch)  # the fallback was switched off mid-batch
+            raise
+        self._latency_s = 0.8 * self._latency_s + 0.2 * (time.monotonic() - t0)
+        self.batch_sizes.append(len(batch))
+        await self._complete(batch, results, inst.variant)
 
-    async def _failed_attempt(self, batch: list[Reading], reason: str) -> None:
-        """Count a failed attempt; after max_attempts answer the batch with error results."""
-        self._attempts += 1
-        if self._attempts >= self.cfg.max_attempts:
-            self.log.error("batch_given_up", attempts=self._attempts, reason=reason, size=len(batch))
-            error = {"error": f"gave up after {self._attempts} attempts: {reason}"}
-            await self._complete(batch, {r.id: error for r in batch})
+    async def _serve_degraded(self) -> None:
+        """The "publish degraded" fallback: answer each reading at once, flagged degraded."""
+        while batch := await self._take():
+            reason = self.detail or "plugin unavailable"
+            await self._complete(
+                batch, {r.id: {"degraded": True, "error": reason} for r in batch}, "degraded"
+            )
 
-    async def _complete(self, batch: list[Reading], results: dict[str, dict[str, Any]]) -> None:
+    async def _failed(self, batch: list[Reading], reason: str) -> None:
+        """A failed batch: suspects are retried one by one; a single reading has max_attempts."""
+        if len(batch) > 1:
+            self._suspects.update(r.id for r in batch)
+            self.queue.requeue(batch)
+            return
+        (r,) = batch
+        self._attempts[r.id] = attempts = self._attempts.get(r.id, 0) + 1
+        if attempts < self.cfg.max_attempts:
+            self.queue.requeue(batch)
+            return
+        self.log.error("reading_given_up", reading_id=r.id, attempts=attempts, reason=reason)
+        self.errors += 1
+        await self._complete(
+            batch, {r.id: {"error": f"gave up after {attempts} attempts: {reason}"}}, "error"
+        )
+
+    async def _complete(self, batch: list[Reading], results: Results, variant: str) -> None:
+        for data in results.values():
+            data["variant"] = variant
         while True:
             try:
                 await self.store.complete(self.cfg.name, [r.id for r in batch], results)
@@ -261,6 +479,9 @@ class PluginRunner:
                 if self._stopping:
                     return  # still pending in the store: processed again after the restart
                 await asyncio.sleep(1.0)
+        for r in batch:
+            self._attempts.pop(r.id, None)
+            self._suspects.discard(r.id)
         self.queue.done(len(batch))
-        self._attempts = 0
         self.batches += 1
+        self.processed += len(batch)

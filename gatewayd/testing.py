@@ -6,6 +6,7 @@ it up on its ``sample()`` and returns its results for the given readings.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import socket
@@ -33,6 +34,27 @@ def run_plugin(
     plugin.load()
     plugin.process(list(plugin.sample()))
     return list(plugin.process(list(batch)))
+
+
+def run_plugin_in_worker(
+    target: str, batch: Sequence[Reading], options: Mapping[str, Any] | None = None, threads: int = 1,
+    timeout_s: float = 120.0,
+) -> list[Result]:  # fmt: skip
+    """Run ``target`` ("module:Class" or an entry-point name) in a real worker process, as the
+    daemon does, and return its results for ``batch``; raises WorkerFailed or BatchFailed."""
+    from gatewayd.registry import resolve
+    from gatewayd.supervisor import Worker
+
+    async def go() -> list[Result]:
+        worker = await Worker.start(threads)
+        try:
+            await worker.load(resolve(target), dict(options or {}), threads, timeout_s)
+            results = await worker.process(list(batch), timeout_s)
+        finally:
+            await worker.stop()
+        return [Result(rid, data) for rid, data in results.items()]
+
+    return asyncio.run(go())
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:

@@ -66,6 +66,7 @@ def serve(src: BinaryIO, dst: BinaryIO) -> int:
         return 2
     try:
         plugin: Plugin = load_class(hello["target"])(hello.get("options", {}))
+        plugin.threads = int(hello.get("threads", 1))
         plugin.load()
         send({"state": "warming"})
         t0 = time.perf_counter()

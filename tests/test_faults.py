@@ -278,9 +278,9 @@ async def test_worker_killed_while_idle_is_restarted_without_blaming_a_batch(
     cfg = make_config(tmp_path, broker.port, plugins=[{**ECHO, "max_attempts": 1}])
     async with collect(broker.port) as got, running(cfg) as app:
         await got.wait(lambda g: any(m["state"] == "ready" for m in g.json("status/plugins/echo")))
-        worker = app.runners[0]._worker
-        assert worker is not None
-        os.kill(worker.proc.pid, signal.SIGKILL)
+        pid = app.runners[0].instances[0].pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
         await got.wait(lambda g: any(m["state"] == "backoff" for m in g.json("status/plugins/echo")))
         assert (await post(coap_client, cfg.coap.port, "n", cbor2.dumps({"x": 1}))).code == codes.CHANGED
         await got.wait(lambda g: g.json("results/echo/n"))
