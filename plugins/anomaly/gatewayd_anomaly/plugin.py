@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 from collections.abc import Mapping, Sequence
 from importlib import resources
@@ -21,22 +20,25 @@ from typing import Any, ClassVar
 import numpy as np
 import onnxruntime as ort
 
-from gatewayd.plugin_api import Plugin, PluginError, PluginNotReady, Reading, Result
+from gatewayd.plugin_api import FieldValue, Plugin, PluginError, PluginNotReady, Reading, Result, numeric
 
 PACKAGED_MODEL = "anomaly.onnx"
-_KNOWN_OPTIONS = ("model_path", "threshold", "threads")
+_KNOWN_OPTIONS = ("model_path", "threshold")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def _is_number(value: object) -> bool:
-    """True for a real number (not a bool) that is finite and fits in float32."""
-    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
-        return False
+def _finite(value: FieldValue | None) -> float | None:
+    """:func:`numeric`, also None for an int too large for a float (instead of OverflowError)."""
     try:
-        as_float = float(value)
-    except (OverflowError, ValueError):
-        return False
-    return math.isfinite(as_float) and abs(as_float) <= _FLOAT32_MAX
+        return numeric(value)
+    except OverflowError:
+        return None
+
+
+def _model_input(value: FieldValue | None) -> float | None:
+    """``value`` as a float the float32 model can take: a finite number (not a bool) within float32 range."""
+    f = _finite(value)
+    return f if f is not None and abs(f) <= _FLOAT32_MAX else None
 
 
 class AnomalyPlugin(Plugin):
@@ -46,7 +48,10 @@ class AnomalyPlugin(Plugin):
 
     ``model_path`` (str): an ONNX model to use instead of the packaged ``anomaly.onnx``.
     ``threshold`` (float >= 0): overrides the threshold stored in the model's metadata.
-    ``threads`` (int >= 1, default 1): onnxruntime intra-op threads; inter-op is 1, sequential.
+
+    Threads are not an option: the gateway sets ``self.threads`` (its ``[[plugins]] threads``, or
+    the runtime's threads per slot) before ``load``, and the session uses that many intra-op
+    threads, one inter-op thread, sequential execution.
     """
 
     name: ClassVar[str] = "anomaly"
@@ -56,9 +61,14 @@ class AnomalyPlugin(Plugin):
         super().__init__(options)
         unknown = sorted(repr(key) for key in self.options if key not in _KNOWN_OPTIONS)
         if unknown:
+            hint = (
+                " ('threads' moved out of options: set threads in the [[plugins]] entry)"
+                if "threads" in self.options
+                else ""
+            )
             raise ValueError(
                 f"anomaly plugin: unknown option(s) {', '.join(unknown)}; "
-                f"known options: {', '.join(_KNOWN_OPTIONS)}"
+                f"known options: {', '.join(_KNOWN_OPTIONS)}{hint}"
             )
 
         model_path = self.options.get("model_path")
@@ -71,25 +81,17 @@ class AnomalyPlugin(Plugin):
         self.model_path: Path | None = None if model_path is None else Path(os.fspath(model_path))
 
         threshold = self.options.get("threshold")
+        self._threshold_option: float | None = None
         if threshold is not None:
             if isinstance(threshold, bool) or not isinstance(threshold, int | float):
                 raise ValueError(
                     f"anomaly plugin: option 'threshold' must be a number, got {type(threshold).__name__}"
                 )
-            if not math.isfinite(threshold) or threshold < 0:
+            self._threshold_option = _finite(threshold)
+            if self._threshold_option is None or self._threshold_option < 0:
                 raise ValueError(
                     f"anomaly plugin: option 'threshold' must be finite and >= 0, got {threshold}"
                 )
-        self._threshold_option: float | None = None if threshold is None else float(threshold)
-
-        threads = self.options.get("threads", 1)
-        if isinstance(threads, bool) or not isinstance(threads, int):
-            raise ValueError(
-                f"anomaly plugin: option 'threads' must be an integer, got {type(threads).__name__}"
-            )
-        if threads < 1:
-            raise ValueError(f"anomaly plugin: option 'threads' must be >= 1, got {threads}")
-        self.threads: int = threads
 
         self._session: Any = None  # onnxruntime.InferenceSession once loaded
         self._input_name = ""
@@ -103,7 +105,7 @@ class AnomalyPlugin(Plugin):
     # --- lifecycle -------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Create the onnxruntime session (CPU) and read the model's metadata."""
+        """Create the onnxruntime session (CPU, ``self.threads`` intra-op threads) and read the metadata."""
         model: str | bytes
         if self.model_path is not None:
             if not self.model_path.is_file():
@@ -159,7 +161,7 @@ class AnomalyPlugin(Plugin):
 
         sample = json.loads(meta.get("sample", "[]"))
         rows = [row for row in sample if isinstance(row, list) and len(row) == len(self.features)]
-        if not rows or not all(_is_number(v) for row in rows for v in row):
+        if not rows or not all(_model_input(v) is not None for row in rows for v in row):
             raise PluginError(
                 f"{where}: metadata 'sample' must hold warm-up rows of {len(self.features)} numbers"
             )
@@ -190,13 +192,15 @@ class AnomalyPlugin(Plugin):
         rows: list[list[float]] = []
         positions: list[int] = []
         for i, reading in enumerate(batch):
-            bad = [f for f in self.features if not _is_number(reading.fields.get(f))]
-            if bad:
+            values = [_model_input(reading.fields.get(f)) for f in self.features]
+            row = [v for v in values if v is not None]
+            if len(row) < len(values):
+                bad = [f for f, v in zip(self.features, values, strict=True) if v is None]
                 results[i] = Result(
                     reading.id, {"error": f"missing or non-numeric field(s): {', '.join(bad)}"}
                 )
             else:
-                rows.append([float(reading.fields[f]) for f in self.features])
+                rows.append(row)
                 positions.append(i)
 
         if rows:

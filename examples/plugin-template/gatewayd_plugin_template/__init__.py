@@ -1,0 +1,1 @@
+"""A gatewayd plugin template: the dew point of temperature/humidity readings, on onnxruntime."""
