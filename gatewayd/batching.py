@@ -60,21 +60,25 @@ class PluginQueue:
 
         Returns [] once the queue is closed.
         """
-        while not self._items and not self.closed:
-            self._arrived.clear()
-            await self._arrived.wait()
-        deadline = time.monotonic() + max_wait_s
-        while len(self._items) < max_batch and not self.closed:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+        while True:
+            while not self._items and not self.closed:
+                self._arrived.clear()
+                await self._arrived.wait()
+            deadline = time.monotonic() + max_wait_s
+            while len(self._items) < max_batch and not self.closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                except TimeoutError:
+                    break
+            if self.closed:
+                return []
+            if self._items:
                 break
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-            except TimeoutError:
-                break
-        if self.closed:
-            return []
+            # Another worker of this plugin took them while we waited: wait again.
         batch = [self._items.popleft() for _ in range(min(max_batch, len(self._items)))]
         self._taken += len(batch)
         if self._items:

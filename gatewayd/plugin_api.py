@@ -78,7 +78,10 @@ def numeric(value: FieldValue | None) -> float | None:
     """``value`` as a finite float, or None for text, bytes, booleans, NaN and infinities."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    f = float(value)
+    try:
+        f = float(value)
+    except OverflowError:  # an int beyond float range
+        return None
     return f if math.isfinite(f) else None
 
 

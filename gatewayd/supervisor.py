@@ -216,6 +216,7 @@ class PluginRunner:
         self.errors = 0
         self.expired = 0
         self.recycled = 0
+        self.last_error = ""
         self.batch_sizes: deque[int] = deque(maxlen=256)
         self._rng = random.Random()
         self._attempts: dict[str, int] = {}  # failed attempts per reading id
@@ -260,6 +261,7 @@ class PluginRunner:
             "errors": self.errors,
             "expired": self.expired,
             "recycled": self.recycled,
+            "last_error": self.last_error,
             "queue": self.queue.waiting,
             "ts": time.time(),
         }
@@ -314,6 +316,7 @@ class PluginRunner:
                 if self._stopping:
                     break
                 self.log.warning("worker_failed", instance=inst.label, error=str(e))
+                self.last_error = str(e)
                 failures = 1 if time.monotonic() - started > HEALTHY_AFTER_S else failures + 1
                 self.restarts += 1
                 if self._over_budget():
@@ -372,12 +375,16 @@ class PluginRunner:
             batch = await self.queue.next_batch(self.cfg.max_batch, self.cfg.max_wait_ms / 1000)
             if not batch:
                 return []
-            if self._suspects and len(batch) > 1:
-                alone = next((r for r in batch if r.id in self._suspects), None)
-                if alone is not None:
-                    self.queue.requeue([r for r in batch if r is not alone])
-                    batch = [alone]
-            batch = await self._drop_expired(batch)
+            try:
+                if self._suspects and len(batch) > 1:
+                    alone = next((r for r in batch if r.id in self._suspects), None)
+                    if alone is not None:
+                        self.queue.requeue([r for r in batch if r is not alone])
+                        batch = [alone]
+                batch = await self._drop_expired(batch)
+            except asyncio.CancelledError:
+                self.queue.requeue(batch)
+                raise
             if batch:
                 return batch
 
@@ -397,6 +404,8 @@ class PluginRunner:
 
     async def _serve(self, inst: Instance, worker: Worker) -> None:
         exited = asyncio.create_task(worker.proc.wait())
+        taking: asyncio.Task[list[Reading]] | None = None
+        failures = 0  # consecutive failed batches: back off between them too
         try:
             while True:
                 taking = asyncio.create_task(self._take())
@@ -409,7 +418,18 @@ class PluginRunner:
                 batch = taking.result()
                 if not batch:
                     return
-                await self._run_batch(inst, worker, batch)
+                try:
+                    await self._run_batch(inst, worker, batch)
+                    failures = 0
+                except BatchFailed as e:
+                    failures += 1
+                    delay = backoff_delay(
+                        failures, self.cfg.backoff_initial_s, self.cfg.backoff_max_s, self._rng
+                    )
+                    self._set(inst, State.BACKOFF, f"batch failed: {e}; next batch in {delay:.1f}s")
+                    await self._sleep(delay)
+                    self._set(inst, State.READY)
+                    continue
                 limit = self.cfg.memory_limit_mb
                 if limit is not None and (rss := worker.rss_mb()) > limit:
                     self.recycled += 1
@@ -419,6 +439,8 @@ class PluginRunner:
                     return
         finally:
             exited.cancel()
+            if taking is not None:
+                taking.cancel()  # when we are cancelled (fallback off), no orphan may take a batch
 
     async def _run_batch(self, inst: Instance, worker: Worker, batch: list[Reading]) -> None:
         t0 = time.monotonic()
@@ -428,7 +450,7 @@ class PluginRunner:
         except BatchFailed as e:
             self.log.warning("batch_failed", instance=inst.label, error=str(e), size=len(batch))
             await self._failed(batch, str(e))
-            return
+            raise
         except WorkerFailed as e:
             if e.not_ready:
                 self.queue.requeue(batch)
@@ -445,7 +467,7 @@ class PluginRunner:
     async def _serve_degraded(self) -> None:
         """The "publish degraded" fallback: answer each reading at once, flagged degraded."""
         while batch := await self._take():
-            reason = self.detail or "plugin unavailable"
+            reason = f"plugin unavailable: {self.last_error or self.state}"
             await self._complete(
                 batch, {r.id: {"degraded": True, "error": reason} for r in batch}, "degraded"
             )

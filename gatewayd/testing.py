@@ -19,6 +19,12 @@ from types import TracebackType
 from typing import Any
 
 from gatewayd.plugin_api import FieldValue, Plugin, Reading, Result
+from gatewayd.supervisor import BatchFailed, WorkerFailed
+
+__all__ = [
+    "BatchFailed", "Mosquitto", "WorkerFailed", "free_port", "port_open", "reading", "run_plugin",
+    "run_plugin_in_worker",
+]  # fmt: skip
 
 
 def reading(node: str = "node-1", id: str = "r-1", ts: float = 0.0, **fields: FieldValue) -> Reading:
@@ -41,7 +47,11 @@ def run_plugin_in_worker(
     timeout_s: float = 120.0,
 ) -> list[Result]:  # fmt: skip
     """Run ``target`` ("module:Class" or an entry-point name) in a real worker process, as the
-    daemon does, and return its results for ``batch``; raises WorkerFailed or BatchFailed."""
+    daemon does, and return its results for ``batch``.
+
+    Raises :class:`WorkerFailed` (load failed, crashed, timed out) or :class:`BatchFailed`
+    (``process`` raised), both importable from here.
+    """
     from gatewayd.registry import resolve
     from gatewayd.supervisor import Worker
 

@@ -25,7 +25,7 @@ from gatewayd.testing import Mosquitto, free_port
 TESTS = Path(__file__).parent
 # Worker processes import the fake plugins in tests/ by module:Class.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
-log.setup("warning", "console")
+log.setup(os.environ.get("GATEWAYD_TEST_LOG", "warning"), "console")
 
 
 def udp_port() -> int:

@@ -5,10 +5,10 @@ GATEWAYD_EXTRAS="[test]"
 GATEWAYD_APT_EXTRA="libcoap3-bin"
 source "$(dirname "${BASH_SOURCE[0]}")/../examples/setup.sh"
 cd "$ROOT"
-"$VENV/bin/ruff" check gatewayd plugins tests
-"$VENV/bin/mypy" gatewayd plugins/anomaly/gatewayd_anomaly
+"$VENV/bin/ruff" check gatewayd plugins tests examples
+"$VENV/bin/mypy" gatewayd plugins/anomaly/gatewayd_anomaly examples/plugin-template/gatewayd_plugin_template
 set +e
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests examples/plugin-template/tests "$@"
 rc=$?
 set -e
 if [ $rc -eq 5 ]; then echo "pytest ran no tests: that is a failure"; exit 1; fi

@@ -158,21 +158,17 @@ async def test_plugin_that_fails_to_load_backs_off_and_daemon_keeps_ingesting(
     tmp_path: Path, broker: Mosquitto, coap_client: aiocoap.Context
 ) -> None:
     """A plugin whose load() raises stays in backoff; readings are still stored and published."""
-    os.environ["GATEWAYD_TEST_FAIL_LOAD"] = "1"
-    try:
-        cfg = make_config(
-            tmp_path,
-            broker.port,
-            plugins=[ECHO, {**ECHO, "name": "nothing", "plugin": "fake_plugins:NotAPlugin"}],
-        )
-        async with collect(broker.port) as got, running(cfg) as app:
-            await got.wait(lambda g: sum(m["state"] == "backoff" for m in g.json("status/plugins/")) >= 4)
-            resp = await post(coap_client, cfg.coap.port, "n", cbor2.dumps({"x": 1}))
-            await got.wait(lambda g: g.json("readings/n"))
-            details = " ".join(m["detail"] for m in got.json("status/plugins/"))
-            backoffs = [r.restarts for r in app.runners]
-    finally:
-        del os.environ["GATEWAYD_TEST_FAIL_LOAD"]
+    flag = tmp_path / "fault"
+    flag.touch()
+    failing = {**ECHO, "options": {"fault": "load", "flag": str(flag)}}
+    not_a_plugin = {**ECHO, "name": "nothing", "plugin": "fake_plugins:NotAPlugin"}
+    cfg = make_config(tmp_path, broker.port, plugins=[failing, not_a_plugin])
+    async with collect(broker.port) as got, running(cfg) as app:
+        await got.wait(lambda g: sum(m["state"] == "backoff" for m in g.json("status/plugins/")) >= 4)
+        resp = await post(coap_client, cfg.coap.port, "n", cbor2.dumps({"x": 1}))
+        await got.wait(lambda g: g.json("readings/n"))
+        details = " ".join(m["detail"] for m in got.json("status/plugins/"))
+        backoffs = [r.restarts for r in app.runners]
     assert resp.code == codes.CHANGED
     assert "load failure requested" in details and "not a subclass" in details
     assert all(n >= 2 for n in backoffs)
