@@ -44,6 +44,25 @@ class StoreConfig(_Strict):
     retry_after_s: Annotated[int, Field(ge=1, le=3600)] = 30
 
 
+class NodeLimitConfig(_Strict):
+    """Per-node token bucket: one chatty or broken node cannot starve the rest."""
+
+    #: Sustained requests per second per node; 0 turns the limit off.
+    rate_per_s: Annotated[float, Field(ge=0)] = 50.0
+    #: Requests a node may send in a burst above the rate.
+    burst: Annotated[int, Field(ge=1)] = 100
+    #: Nodes tracked at once (least recently seen forgotten first).
+    max_nodes: Annotated[int, Field(ge=1)] = 100_000
+
+
+class MetricsConfig(_Strict):
+    """The Prometheus endpoint (prometheus-client); loopback by default."""
+
+    enabled: bool = True
+    bind: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 9464
+
+
 class MqttConfig(_Strict):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 1883
@@ -150,6 +169,8 @@ class Config(_Strict):
     mqtt: MqttConfig = MqttConfig()
     log: LogConfig = LogConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    limits: NodeLimitConfig = NodeLimitConfig()
+    metrics: MetricsConfig = MetricsConfig()
     plugins: list[PluginConfig] = []
 
     @model_validator(mode="after")

@@ -94,6 +94,8 @@ def make_config(tmp_path: Path, mqtt_port: int, **sections: Any) -> Config:
         "store": {"path": str(tmp_path / "store.db")},
         "mqtt": {"host": "127.0.0.1", "port": mqtt_port, "backoff_initial_s": 0.1, "backoff_max_s": 1.0},
         "log": {"level": "warning", "format": "console"},
+        "limits": {"rate_per_s": 0},  # tests of the limit turn it on
+        "metrics": {"enabled": False},  # tests of the endpoint turn it on, on a free port
     }
     for k, v in sections.items():
         base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
