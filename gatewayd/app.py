@@ -18,6 +18,7 @@ from gatewayd.batching import PluginQueue
 from gatewayd.config import Config
 from gatewayd.intake import Intake
 from gatewayd.mqtt import Publisher
+from gatewayd.ratelimit import NodeLimiter
 from gatewayd.router import Route, Router
 from gatewayd.scheduler import Slots
 from gatewayd.store import Store
@@ -103,7 +104,15 @@ class App:
             if backlog:
                 log.info("plugin_backlog_restored", plugin=route.name, readings=len(backlog))
 
-        self.intake = Intake(store, Router(routes), retry_after_s=cfg.store.retry_after_s)
+        limiter = NodeLimiter(cfg.limits.rate_per_s, cfg.limits.burst, cfg.limits.max_nodes)
+        self.intake = Intake(
+            store,
+            Router(routes),
+            retry_after_s=cfg.store.retry_after_s,
+            limiter=limiter,
+            max_inflight=cfg.coap.max_inflight_requests,
+            overload_retry_after_s=cfg.coap.overload_retry_after_s,
+        )
         self.coap_ctx, self.dedup = await coap.serve(self.intake, cfg.coap)
         tasks = {
             asyncio.create_task(publisher.run(), name="mqtt"),

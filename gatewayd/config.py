@@ -30,6 +30,10 @@ class CoapConfig(_Strict):
     dedup_max_entries: Annotated[int, Field(ge=100)] = 20_000
     #: How long a pair is remembered (RFC 7252 EXCHANGE_LIFETIME).
     dedup_lifetime_s: Annotated[float, Field(gt=0, le=247)] = 247.0
+    #: Requests being decoded and stored at once; beyond this, 5.03 with Max-Age (overload).
+    max_inflight_requests: Annotated[int, Field(ge=1)] = 512
+    #: Max-Age sent with an overload 5.03.
+    overload_retry_after_s: Annotated[int, Field(ge=1, le=3600)] = 2
 
 
 class StoreConfig(_Strict):

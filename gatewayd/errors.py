@@ -49,16 +49,32 @@ class TooLarge(RequestError):
         return msg
 
 
-class Unavailable(RequestError):
-    """Store full, queue full or shutting down (5.03 with Max-Age = seconds to wait)."""
+class RetryLater(RequestError):
+    """An answer that tells the node when to try again (Max-Age = seconds to wait)."""
 
-    code = numbers.codes.SERVICE_UNAVAILABLE
+    #: Why, for logs and metrics: store_full, queue_full, shutting_down, rate_limited, ...
+    reason = "unavailable"
 
-    def __init__(self, diagnostic: str, retry_after_s: int) -> None:
+    def __init__(self, diagnostic: str, retry_after_s: int, reason: str | None = None) -> None:
         super().__init__(diagnostic)
         self.retry_after_s = retry_after_s
+        if reason is not None:
+            self.reason = reason
 
     def to_message(self) -> Message:
         msg = super().to_message()
         msg.opt.max_age = self.retry_after_s
         return msg
+
+
+class Unavailable(RetryLater):
+    """Store full, queue full or shutting down: the gateway cannot take it now (5.03)."""
+
+    code = numbers.codes.SERVICE_UNAVAILABLE
+
+
+class TooManyRequests(RetryLater):
+    """This node is over its rate (4.29, RFC 8516): its own fault, other nodes are served."""
+
+    code = numbers.codes.TOO_MANY_REQUESTS
+    reason = "rate_limited"

@@ -43,7 +43,7 @@ class Router:
         for name, n in need.items():
             route = by_name[name]
             if not route.queue.has_room(n):
-                raise Unavailable(f"plugin {name} queue full", route.retry_after_s)
+                raise Unavailable(f"plugin {name} queue full", route.retry_after_s, "queue_full")
 
     @staticmethod
     def dispatch(readings: Sequence[Reading], per_reading: Sequence[Sequence[Route]]) -> None:
