@@ -15,6 +15,7 @@ from pathlib import Path
 
 import aiocoap
 import cbor2
+import pytest
 from aiocoap.numbers import codes
 from conftest import collect, make_config, post, running
 
@@ -29,11 +30,16 @@ ECHO = {
 }
 
 
-async def test_broker_restart_mid_stream_loses_nothing(tmp_path: Path, coap_client: aiocoap.Context) -> None:
-    """Stop the broker mid-stream and restart it: every id answered 2.04 arrives, in order per node."""
-    broker = Mosquitto(persistence=True).start()
+@pytest.mark.parametrize("persistence", [True, False], ids=["persistent-broker", "empty-broker"])
+async def test_broker_restart_mid_stream_loses_nothing(
+    persistence: bool, tmp_path: Path, coap_client: aiocoap.Context
+) -> None:
+    """Stop the broker mid-stream and restart it (with its persistence, or empty): every id answered
+    2.04 arrives, in order per node. gatewayd reconnects later than the subscriber re-subscribes, as a
+    consumer with a lost session would before it can receive again."""
+    broker = Mosquitto(persistence=persistence).start()
     try:
-        cfg = make_config(tmp_path, broker.port)
+        cfg = make_config(tmp_path, broker.port, mqtt={"backoff_initial_s": 1.0, "backoff_max_s": 2.0})
         acked: dict[str, list[int]] = defaultdict(list)
         async with collect(broker.port, "gatewayd/gw1/readings/#", clean=False) as got, running(cfg):
 
