@@ -17,6 +17,7 @@ from gatewayd import coap, registry, systemd
 from gatewayd.batching import PluginQueue
 from gatewayd.config import Config
 from gatewayd.intake import Intake
+from gatewayd.metrics import Metrics
 from gatewayd.mqtt import Publisher
 from gatewayd.ratelimit import NodeLimiter
 from gatewayd.router import Route, Router
@@ -44,6 +45,8 @@ class App:
         self.intake: Intake | None = None
         self.dedup: list[coap.DedupCache] = []
         self.coap_ctx: aiocoap.Context | None = None
+        #: The Prometheus endpoint, when [metrics] enabled.
+        self.metrics: Metrics | None = None
         #: Set once the CoAP server answers (tests and the demo wait on it).
         self.serving = asyncio.Event()
 
@@ -60,6 +63,8 @@ class App:
         try:
             return await self._run()
         finally:
+            if self.metrics is not None:
+                await self.metrics.stop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.remove_signal_handler(sig)
@@ -75,6 +80,10 @@ class App:
         )
         publisher = self.publisher = Publisher(cfg.mqtt, cfg.gateway.id, store)
         store.on_outbox = publisher.wake
+        metrics = None
+        if cfg.metrics.enabled:
+            metrics = self.metrics = Metrics(self)
+            metrics.start(cfg.metrics)  # a port in use is logged; the daemon runs on without it
 
         routes = []
         slots = Slots(cfg.runtime.slots())
@@ -90,8 +99,9 @@ class App:
                 continue
             queue = PluginQueue(p.queue_size)
             runner = PluginRunner(
-                p, target, queue, store, slots, cfg.runtime.threads(), fallback_target, self._publish_state
-            )
+                p, target, queue, store, slots, cfg.runtime.threads(), fallback_target, self._publish_state,
+                on_batch=metrics.batch_observer(p.name) if metrics else None,
+            )  # fmt: skip
             self.runners.append(runner)
             routes.append(Route(p.name, p.match, queue, p.retry_after_s))
         # A configured plugin that is missing now keeps its pending readings for when it is back.
@@ -113,7 +123,9 @@ class App:
             max_inflight=cfg.coap.max_inflight_requests,
             overload_retry_after_s=cfg.coap.overload_retry_after_s,
         )
-        self.coap_ctx, self.dedup = await coap.serve(self.intake, cfg.coap)
+        self.coap_ctx, self.dedup = await coap.serve(
+            self.intake, cfg.coap, metrics.count_response if metrics else None
+        )
         tasks = {
             asyncio.create_task(publisher.run(), name="mqtt"),
             *(asyncio.create_task(r.run(), name=f"plugin:{r.cfg.name}") for r in self.runners),

@@ -82,6 +82,8 @@ class Store:
         self.outbox_count = 0
         self._outbox_added = 0  # only ever grows; compared across a transaction
         self.commits = 0
+        #: Readings appended and committed since open (the event loop's count, for metrics).
+        self.appended = 0
         #: Called on the event loop after a commit that added outbox entries (the publisher's wake-up).
         self.on_outbox: Callable[[], None] = lambda: None
 
@@ -135,7 +137,9 @@ class Store:
             self._outbox_added += len(drafts)
             return out
 
-        return await self._run(op)
+        readings = await self._run(op)
+        self.appended += len(readings)  # only now: the commit succeeded
+        return readings
 
     async def complete(
         self, plugin: str, reading_ids: Sequence[str], results: dict[str, dict[str, Any]]
@@ -217,6 +221,15 @@ class Store:
     async def ping(self) -> None:
         """Round-trip through the writer thread (the watchdog's health check)."""
         await self._run(lambda db: db.execute("SELECT 1").fetchone())
+
+    async def oldest_ts(self) -> float | None:
+        """The ``ts`` of the oldest reading still held (first by arrival), or None (the backlog age)."""
+
+        def op(db: sqlite3.Connection) -> float | None:
+            row = db.execute("SELECT ts FROM readings ORDER BY seq LIMIT 1").fetchone()  # rowid order: cheap
+            return None if row is None else float(row[0])
+
+        return await self._run(op)
 
     # -- helpers -------------------------------------------------------------------
 

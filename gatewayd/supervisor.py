@@ -196,6 +196,7 @@ class PluginRunner:
         threads: int,
         fallback_target: str | None = None,
         on_state: Callable[[PluginRunner], None] = lambda r: None,
+        on_batch: Callable[[str, int, float], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.queue = queue
@@ -203,6 +204,8 @@ class PluginRunner:
         self.slots = slots
         self.threads = threads
         self.on_state = on_state
+        #: Called after each batch a worker processed: (variant, size, seconds in worker.process).
+        self.on_batch = on_batch
         self.log = structlog.get_logger("gatewayd.supervisor").bind(plugin=cfg.name)
         self.instances = [Instance(f"main-{i}", "main", target, cfg.options) for i in range(cfg.instances)]
         self.fallback: Instance | None = None
@@ -216,6 +219,8 @@ class PluginRunner:
         self.errors = 0
         self.expired = 0
         self.recycled = 0
+        #: Readings completed, by variant: main, fallback, degraded, expired, error.
+        self.results: dict[str, int] = {}
         self.last_error = ""
         self.batch_sizes: deque[int] = deque(maxlen=256)
         self._rng = random.Random()
@@ -446,7 +451,9 @@ class PluginRunner:
         t0 = time.monotonic()
         try:
             async with self.slots.slot(self.cfg.priority):
+                t1 = time.monotonic()
                 results = await worker.process(batch, self.cfg.deadline_s)
+                inference_s = time.monotonic() - t1
         except BatchFailed as e:
             self.log.warning("batch_failed", instance=inst.label, error=str(e), size=len(batch))
             await self._failed(batch, str(e))
@@ -462,6 +469,8 @@ class PluginRunner:
             raise
         self._latency_s = 0.8 * self._latency_s + 0.2 * (time.monotonic() - t0)
         self.batch_sizes.append(len(batch))
+        if self.on_batch is not None:
+            self.on_batch(inst.variant, len(batch), inference_s)
         await self._complete(batch, results, inst.variant)
 
     async def _serve_degraded(self) -> None:
@@ -507,3 +516,4 @@ class PluginRunner:
         self.queue.done(len(batch))
         self.batches += 1
         self.processed += len(batch)
+        self.results[variant] = self.results.get(variant, 0) + len(batch)
