@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import aiocoap
 import structlog
 from aiocoap import error, resource
 from aiocoap.messagemanager import MessageManager
-from aiocoap.numbers import codes
+from aiocoap.numbers import Code, codes
 from aiocoap.tokenmanager import TokenManager
 from aiocoap.util.linkformat import Link, LinkFormat
 
+from gatewayd import coapguard
 from gatewayd.codec import SUPPORTED_FORMATS
 from gatewayd.config import CoapConfig
 from gatewayd.errors import TooLarge
@@ -29,6 +31,13 @@ from gatewayd.intake import Intake
 log = structlog.get_logger("gatewayd.coap")
 
 READINGS_PATH = ("s",)
+
+#: Told each answer to ``POST /s/{node}``: its code, and the error when refused (the metrics' hook).
+OnResponse = Callable[[Code, BaseException | None], None]
+
+
+def _not_counted(code: Code, err: BaseException | None) -> None:
+    pass
 
 
 class DedupCache:
@@ -84,25 +93,40 @@ class DedupCache:
 class ReadingsResource(resource.Resource, resource.PathCapable):
     """``POST /s/{node}``: store the body's readings, answer 2.04 once they are durable."""
 
-    def __init__(self, intake: Intake, max_body_bytes: int) -> None:
+    def __init__(self, intake: Intake, max_body_bytes: int, on_response: OnResponse | None = None) -> None:
         super().__init__()  # aiocoap's block-wise state lives in the base class
         self.intake = intake
         self.max_body = max_body_bytes
+        self.on_response = on_response or _not_counted
 
     def _too_large(self, size: int) -> TooLarge:
         return TooLarge(f"body of {size} bytes exceeds {self.max_body}", self.max_body)
+
+    def _refused(self, e: error.RenderableError) -> error.RenderableError:
+        self.on_response(getattr(e, "code", codes.INTERNAL_SERVER_ERROR), e)
+        return e
 
     async def needs_blockwise_assembly(self, request: aiocoap.Message) -> bool:
         # Called per block: refuse during the transfer, before the whole body is buffered.
         block1 = request.opt.block1
         if block1 is not None:
             if request.opt.size1 is not None and request.opt.size1 > self.max_body:
-                raise self._too_large(request.opt.size1)
+                raise self._refused(self._too_large(request.opt.size1))
             if block1.start + len(request.payload) > self.max_body:
-                raise self._too_large(block1.start + len(request.payload))
+                raise self._refused(self._too_large(block1.start + len(request.payload)))
         return True
 
     async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
+        """Answer the POST, and tell ``on_response`` the code it got."""
+        try:
+            response = await self._post(request)
+        except error.RenderableError as e:
+            self._refused(e)
+            raise
+        self.on_response(response.code, None)
+        return response
+
+    async def _post(self, request: aiocoap.Message) -> aiocoap.Message:
         path = request.opt.uri_path[len(READINGS_PATH) :]
         if len(path) != 1:
             raise error.NotFound("use /s/{node}")
@@ -135,6 +159,16 @@ class _Root(resource.Site):
     def __init__(self, readings: ReadingsResource) -> None:
         super().__init__()
         self._readings = readings
+        coapguard.harden_resource(readings)
+
+    def add_resource(self, path: Any, res: Any) -> None:
+        coapguard.harden_resource(res)  # a gap in a Block1 upload is 4.08 there too
+        super().add_resource(path, res)
+
+    async def render_to_pipe(self, pipe: Any) -> None:
+        # Every request and every Block1 block passes here: refuse unknown critical options first.
+        coapguard.check_options(pipe.request)
+        await super().render_to_pipe(pipe)
 
     def _find_child_and_pathstripped_message(self, request: aiocoap.Message) -> tuple[Any, aiocoap.Message]:
         if request.opt.uri_path[: len(READINGS_PATH)] == READINGS_PATH:
@@ -143,8 +177,8 @@ class _Root(resource.Site):
         return found
 
 
-def site(intake: Intake, cfg: CoapConfig) -> resource.Site:
-    root = _Root(ReadingsResource(intake, cfg.max_body_bytes))
+def site(intake: Intake, cfg: CoapConfig, on_response: OnResponse | None = None) -> resource.Site:
+    root = _Root(ReadingsResource(intake, cfg.max_body_bytes, on_response))
     links = LinkFormat(
         [
             Link(
@@ -155,14 +189,18 @@ def site(intake: Intake, cfg: CoapConfig) -> resource.Site:
             )
         ]
     )
-    root.add_resource((".well-known", "core"), resource.WKCResource(lambda: links))
+    # A fresh LinkFormat per request: WKCResource appends its impl-info link to the object it gets and
+    # applies ?rt= filters to it in place, so a shared one grew with every GET and lost </s> for good.
+    root.add_resource((".well-known", "core"), resource.WKCResource(lambda: LinkFormat(list(links.links))))
     return root
 
 
-async def serve(intake: Intake, cfg: CoapConfig) -> tuple[aiocoap.Context, list[DedupCache]]:
+async def serve(
+    intake: Intake, cfg: CoapConfig, on_response: OnResponse | None = None
+) -> tuple[aiocoap.Context, list[DedupCache]]:
     """Start the UDP CoAP server; returns the context and its duplicate caches."""
     ctx = await aiocoap.Context.create_server_context(
-        site(intake, cfg), bind=(cfg.bind, cfg.port), transports=["udp6"]
+        site(intake, cfg, on_response), bind=(cfg.bind, cfg.port), transports=["udp6"]
     )
     caches = []
     for ri in ctx.request_interfaces:
@@ -170,6 +208,7 @@ async def serve(intake: Intake, cfg: CoapConfig) -> tuple[aiocoap.Context, list[
             cache = DedupCache(cfg.dedup_max_entries, cfg.dedup_lifetime_s)
             cache.install(ri.token_interface)
             caches.append(cache)
+            coapguard.harden_udp(ri.token_interface.message_interface)
     if not caches:
         raise RuntimeError("aiocoap's UDP message manager not found: cannot bound duplicate memory")
     return ctx, caches

@@ -128,6 +128,8 @@ def _decode_senml(doc: Any, now: float) -> list[Draft]:
             value = raw
         t = bt + (_number(rec[_T], f"{where}t") if _T in rec else 0.0)
         ts = now + t if t < _RELATIVE_TIME_LIMIT else t
+        if not math.isfinite(ts):  # bt + t can overflow: 1e308 + 1e308 is inf
+            raise BadPayload(f"{where}time out of range")
         unit = _text(rec[_U], f"{where}u") if _U in rec else bu
         draft = by_time.setdefault(ts, Draft(ts=ts, fields={}))
         draft.fields[name] = value

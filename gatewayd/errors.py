@@ -34,6 +34,24 @@ class UnsupportedFormat(RequestError):
     code = numbers.codes.UNSUPPORTED_CONTENT_FORMAT
 
 
+class BadOption(RequestError):
+    """A critical option gatewayd does not understand, or one whose value it cannot read (4.02)."""
+
+    code = numbers.codes.BAD_OPTION
+
+
+class Incomplete(RequestError):
+    """A Block1 block that does not continue the blocks received so far (4.08)."""
+
+    code = numbers.codes.REQUEST_ENTITY_INCOMPLETE
+
+
+class NotAProxy(RequestError):
+    """A Proxy-Uri or Proxy-Scheme request: gatewayd is no proxy (5.05, RFC 7252 §5.7.2)."""
+
+    code = numbers.codes.PROXYING_NOT_SUPPORTED
+
+
 class TooLarge(RequestError):
     """The body exceeds the configured maximum (4.13 with Size1 = that maximum)."""
 

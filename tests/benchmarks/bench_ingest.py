@@ -442,7 +442,8 @@ def gatewayd_server(
         f'[coap]\nbind = "{HOST}"\nport = {port}\n{extra}\n'
         f'[store]\npath = "{workdir / gateway_id}.db"\nsynchronous = "{synchronous}"\n\n'
         f'[mqtt]\nhost = "127.0.0.1"\nport = {broker_port}\nclient_id = "{gateway_id}"\n\n'
-        '[limits]\nrate_per_s = 0\n\n[metrics]\nenabled = false\n\n[log]\nlevel = "warning"\nformat = "json"\n'
+        '[limits]\nrate_per_s = 0\n\n[metrics]\nenabled = false\n\n'
+        '[log]\nlevel = "warning"\nformat = "json"\n'
     )
     return Server(name, [*gatewayd_exe(), "run", "--config", str(cfg)], port, workdir / f"{gateway_id}.log")
 

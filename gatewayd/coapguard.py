@@ -1,0 +1,190 @@
+"""What the CoAP front refuses before a resource sees a request, and a receive path that never raises.
+
+aiocoap 0.4.17 accepts requests with critical options it does not act on (an
+unknown one, or OSCORE without OSCORE) and answers them 2.04; RFC 7252 §5.4.1
+wants 4.02 Bad Option. A string option that is not UTF-8 (e.g. a Uri-Path) makes
+its decoder raise out of the socket callback: no answer, and a full traceback in
+the journal per datagram. A gap in a Block1 upload raises a bare ValueError: 5.00
+and another traceback. Here:
+
+* :func:`check_options` (run by the root site for every request and every block):
+  an unrecognised critical option, or a critical option whose value could not be
+  decoded, is 4.02 naming the option; Proxy-Uri / Proxy-Scheme is 5.05.
+* :func:`harden_udp` wraps the UDP transport's receive callback: a datagram that
+  aiocoap's decoder raises on is decoded again leniently (an undecodable critical
+  option is remembered for :func:`check_options`, an undecodable elective one is
+  ignored, as RFC 7252 §5.4.1 says), and nothing escapes into asyncio's handler.
+* :class:`Block1Spool` answers a gap or overlap in a Block1 upload 4.08.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import aiocoap
+from aiocoap import blockwise
+from aiocoap.error import UnparsableMessage
+from aiocoap.message import Direction
+from aiocoap.numbers.optionnumbers import OptionNumber
+from aiocoap.numbers.types import Type
+from aiocoap.transports.udp6 import UDP6EndpointAddress
+
+from gatewayd.errors import BadOption, Incomplete, NotAProxy
+
+#: Critical (odd) options that gatewayd or aiocoap act on. Uri-Host and Uri-Port name this
+#: server whatever their value; Uri-Path-Abbrev is resolved by aiocoap's Site; Accept is
+#: honoured by /.well-known/core. Everything else odd, including If-Match / If-None-Match
+#: (no conditional requests here), OSCORE and EDHOC (not enabled) and Q-Block, is 4.02.
+RECOGNISED_CRITICAL = frozenset(
+    int(n)
+    for n in (
+        OptionNumber.URI_HOST,
+        OptionNumber.URI_PORT,
+        OptionNumber.URI_PATH,
+        OptionNumber.URI_PATH_ABBREV,
+        OptionNumber.URI_QUERY,
+        OptionNumber.ACCEPT,
+        OptionNumber.BLOCK2,
+        OptionNumber.BLOCK1,
+    )
+)
+PROXY_OPTIONS = frozenset((int(OptionNumber.PROXY_URI), int(OptionNumber.PROXY_SCHEME)))
+
+#: Message attribute set by the lenient decoder: the critical options whose value was unreadable.
+UNDECODABLE = "_gatewayd_undecodable_options"
+
+
+_ACRONYMS = {int(OptionNumber.OSCORE): "OSCORE", int(OptionNumber.EDHOC): "EDHOC"}
+
+
+def option_name(number: int) -> str:
+    """``Uri-Path (11)`` for a registered option, ``2049`` for another."""
+    number = int(number)
+    option = OptionNumber(number)
+    if not hasattr(option, "name"):
+        return str(number)
+    return f"{_ACRONYMS.get(number) or option.name_printable} ({number})"
+
+
+def check_options(request: aiocoap.Message) -> None:
+    """Raise 4.02 for an unrecognised or unreadable critical option, 5.05 for a proxy request."""
+    undecodable = getattr(request, UNDECODABLE, None)
+    if undecodable:
+        raise BadOption(f"critical option {option_name(undecodable[0])}: value is not valid UTF-8")
+    # Options keeps one dict keyed by option number; iterating its keys is the cheapest look.
+    for number in request.opt._options:
+        if number & 1 and number not in RECOGNISED_CRITICAL:
+            if number in PROXY_OPTIONS:
+                raise NotAProxy("gatewayd is not a proxy")
+            raise BadOption(f"critical option {option_name(number)} not supported")
+
+
+class Block1Spool(blockwise.Block1Spool):  # type: ignore[misc]
+    """aiocoap's Block1 reassembly, with 4.08 (not 5.00) for a block that leaves a gap or overlaps."""
+
+    def feed_and_take(self, req: aiocoap.Message) -> aiocoap.Message:
+        try:
+            taken: aiocoap.Message = super().feed_and_take(req)
+        except ValueError:  # Message._append_request_block: the block does not start where the body ends
+            block1 = req.opt.block1
+            raise Incomplete(
+                f"block {block1.block_number} (byte {block1.start}) does not continue the upload; "
+                "start again at block 0"
+            ) from None
+        except blockwise.IncompleteException:  # a block > 0 with no upload in progress: 4.08 already
+            block1 = req.opt.block1
+            raise Incomplete(f"block {block1.block_number}: no upload in progress; start at 0") from None
+        return taken
+
+
+def harden_resource(res: Any) -> None:
+    """Give an aiocoap Resource the 4.08-answering Block1 spool (its base class made the plain one)."""
+    res._block1 = Block1Spool()
+
+
+def _extended(value: int, data: bytes) -> tuple[int, bytes]:
+    if value < 13:
+        return value, data
+    if value == 13 and len(data) >= 1:
+        return data[0] + 13, data[1:]
+    if value == 14 and len(data) >= 2:
+        return int.from_bytes(data[:2], "big") + 269, data[2:]
+    raise UnparsableMessage("malformed option header")
+
+
+def decode_lenient(data: bytes, remote: Any) -> aiocoap.Message:
+    """aiocoap's ``Message.decode``, except that an option whose value cannot be decoded does not
+    lose the datagram: a critical one is listed in the message's :data:`UNDECODABLE` attribute
+    (so :func:`check_options` answers 4.02), an elective one is left out.
+
+    Raises UnparsableMessage for what aiocoap would not parse either.
+    """
+    if len(data) < 4 or data[0] >> 6 != 1:
+        raise UnparsableMessage("not a CoAP version 1 message")
+    tkl = data[0] & 0x0F
+    msg = aiocoap.Message(code=data[1])
+    msg.mid = int.from_bytes(data[2:4], "big")
+    msg.mtype = Type((data[0] >> 4) & 0x03)
+    msg.token = data[4 : 4 + tkl]
+    rest = data[4 + tkl :]
+    number = 0
+    undecodable = []
+    while rest:
+        if rest[0] == 0xFF:
+            msg.payload = rest[1:]
+            break
+        head = rest[0]
+        delta, rest = _extended(head >> 4, rest[1:])
+        length, rest = _extended(head & 0x0F, rest)
+        number += delta
+        if len(rest) < length:
+            raise UnparsableMessage("option announced but absent")
+        raw, rest = rest[:length], rest[length:]
+        try:
+            msg.opt.add_option(OptionNumber(number).create_option(decode=raw))
+        except Exception:  # UnicodeDecodeError from a string option, so far the only one seen
+            if number & 1:
+                undecodable.append(number)
+    msg.remote = remote
+    msg.direction = Direction.INCOMING
+    if undecodable:
+        setattr(msg, UNDECODABLE, tuple(undecodable))
+    return msg
+
+
+def harden_udp(interface: Any) -> None:
+    """Wrap an aiocoap UDP6 message interface's receive callback (see the module docstring)."""
+    received = interface.datagram_msg_received
+    log = interface.log
+
+    def datagram_msg_received(data: bytes, ancdata: Any, flags: int, address: Any) -> None:
+        try:
+            received(data, ancdata, flags, address)
+            return
+        except Exception as e:  # aiocoap lets these escape into asyncio's handler (a traceback)
+            try:
+                aiocoap.Message.decode(data)
+            except UnparsableMessage:
+                return
+            except Exception:
+                pass  # aiocoap's decoder failed on an option value: decode leniently below
+            else:
+                # The decoder was fine, dispatching raised; aiocoap has already logged it.
+                log.debug("exception from dispatch_message swallowed: %r", e)
+                return
+        pktinfo = None
+        for level, kind, cdata in ancdata:
+            if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO:
+                pktinfo = cdata
+        try:
+            message = decode_lenient(data, UDP6EndpointAddress(address, interface, pktinfo=pktinfo))
+        except UnparsableMessage:
+            log.warning("Ignoring unparsable message from %s", address)
+            return
+        try:
+            interface._ctx.dispatch_message(message)
+        except Exception as e:
+            log.error("Exception raised through dispatch_message: %r", e)
+
+    interface.datagram_msg_received = datagram_msg_received
