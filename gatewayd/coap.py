@@ -103,7 +103,9 @@ class ReadingsResource(resource.Resource, resource.PathCapable):
         return TooLarge(f"body of {size} bytes exceeds {self.max_body}", self.max_body)
 
     def _refused(self, e: error.RenderableError) -> error.RenderableError:
-        self.on_response(getattr(e, "code", codes.INTERNAL_SERVER_ERROR), e)
+        if not getattr(e, "_counted", False):
+            self.on_response(getattr(e, "code", codes.INTERNAL_SERVER_ERROR), e)
+            e._counted = True
         return e
 
     async def needs_blockwise_assembly(self, request: aiocoap.Message) -> bool:
@@ -160,6 +162,7 @@ class _Root(resource.Site):
         super().__init__()
         self._readings = readings
         coapguard.harden_resource(readings)
+        self._counted = readings._refused  # refusals here are counted like the resource's own
 
     def add_resource(self, path: Any, res: Any) -> None:
         coapguard.harden_resource(res)  # a gap in a Block1 upload is 4.08 there too
@@ -167,8 +170,13 @@ class _Root(resource.Site):
 
     async def render_to_pipe(self, pipe: Any) -> None:
         # Every request and every Block1 block passes here: refuse unknown critical options first.
-        coapguard.check_options(pipe.request)
-        await super().render_to_pipe(pipe)
+        try:
+            coapguard.check_options(pipe.request)
+            await super().render_to_pipe(pipe)
+        except error.RenderableError as e:
+            if getattr(e, "code", None) == codes.CONTINUE:
+                raise  # 2.31 for a Block1 block in the middle: not an answer to count
+            raise self._counted(e) from None  # 4.02 here, 4.08 from block-wise assembly, ...
 
     def _find_child_and_pathstripped_message(self, request: aiocoap.Message) -> tuple[Any, aiocoap.Message]:
         if request.opt.uri_path[: len(READINGS_PATH)] == READINGS_PATH:

@@ -15,6 +15,7 @@ import aiocoap
 import cbor2
 import pytest
 from aiocoap.numbers import codes
+from aiocoap.optiontypes import OpaqueOption
 from conftest import collect, make_config, post, running
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -88,7 +89,7 @@ async def scrape_until(port: int, ok: Any, timeout: float = 15.0) -> Scrape:
 async def test_requests_are_counted_by_code_and_reason(
     tmp_path: Path, broker: Mosquitto, coap_client: aiocoap.Context
 ) -> None:
-    """2.04, 4.00 and 4.15 counts match what was posted, with a reason per refusal."""
+    """2.04, 4.00, 4.15 and 4.02 counts match what was posted, with a reason per refusal."""
     cfg = make_config(tmp_path, broker.port, metrics=metrics_on())
     async with collect(broker.port) as got, running(cfg):
         port = cfg.coap.port
@@ -97,12 +98,21 @@ async def test_requests_are_counted_by_code_and_reason(
         for _ in range(2):
             assert (await post(coap_client, port, "n1", b"\xff\x00garbage")).code == codes.BAD_REQUEST
         assert (await post(coap_client, port, "n1", b"t=1", cf=0)).code == codes.UNSUPPORTED_CONTENT_FORMAT
+        bad_option = aiocoap.Message(
+            code=aiocoap.POST,
+            uri=f"coap://127.0.0.1:{port}/s/n1",
+            payload=cbor2.dumps({"x": 1}),
+            content_format=60,
+        )
+        bad_option.opt.add_option(OpaqueOption(2049, b"x"))
+        assert (await coap_client.request(bad_option).response).code == codes.BAD_OPTION
         await got.wait(lambda g: len(g.json("readings/n1")) == 3)
         m = await scrape_until(cfg.metrics.port, lambda s: s.value("gatewayd_outbox_entries") == 0)
     assert m.value("gatewayd_requests_total", code="2.04") == 3
     assert m.value("gatewayd_requests_total", code="4.00") == 2
     assert m.value("gatewayd_requests_total", code="4.15") == 1
-    assert m.value("gatewayd_requests_total") == 6
+    assert m.value("gatewayd_requests_total", code="4.02") == 1  # refused before the resource
+    assert m.value("gatewayd_requests_total") == 7
     assert m.value("gatewayd_requests_refused_total", code="4.00", reason="bad_payload") == 2
     assert m.value("gatewayd_requests_refused_total", code="4.15", reason="unsupported_format") == 1
     assert m.value("gatewayd_readings_accepted_total") == 3
