@@ -19,6 +19,7 @@ import structlog
 from aiocoap import error, resource
 from aiocoap.messagemanager import MessageManager
 from aiocoap.numbers import Code, codes
+from aiocoap.numbers.constants import TransportTuning
 from aiocoap.tokenmanager import TokenManager
 from aiocoap.util.linkformat import Link, LinkFormat
 
@@ -207,6 +208,8 @@ async def serve(
     intake: Intake, cfg: CoapConfig, on_response: OnResponse | None = None
 ) -> tuple[aiocoap.Context, list[DedupCache]]:
     """Start the UDP CoAP server; returns the context and its duplicate caches."""
+    # aiocoap reads this per message from the class: gatewayd is the process's only CoAP server.
+    TransportTuning.EMPTY_ACK_DELAY = cfg.empty_ack_delay_s
     ctx = await aiocoap.Context.create_server_context(
         site(intake, cfg, on_response), bind=(cfg.bind, cfg.port), transports=["udp6"]
     )
