@@ -321,7 +321,7 @@ class OpenLoop:
 
 
 def plugin_gateway(
-    wd: Path, gw: str, broker_port: int, *, coap: dict[str, int] | None = None, plugin: str = ""
+    wd: Path, gw: str, broker_port: int, *, coap: dict[str, float] | None = None, plugin: str = ""
 ) -> Server:
     """gatewayd with the durable store (FULL) in ``wd``, MQTT to the broker and the anomaly plugin
     (``plugin``: extra TOML lines for its table), log level warning."""
@@ -625,7 +625,9 @@ async def sampler(server_pid: int, port: int, gen: OpenLoop, out: list[Sample], 
 async def run(args: argparse.Namespace) -> Result:
     res = Result()
     gw = "overload"
-    coap = {"max_inflight_requests": args.max_inflight} if args.max_inflight else {}
+    coap: dict[str, float] = {"max_inflight_requests": args.max_inflight} if args.max_inflight else {}
+    if args.empty_ack_delay:
+        coap["empty_ack_delay_s"] = args.empty_ack_delay
     with workdir() as wd, broker_unbounded_queue(Mosquitto()) as broker:
         assert broker.proc is not None
         mq = MqttTally(broker.port, gw)
@@ -725,7 +727,9 @@ def report(res: Result, args: argparse.Namespace) -> bool:
     print(
         f"gatewayd {importlib.metadata.version('gatewayd')} (durable store FULL, MQTT QoS 1 to a local"
         f" Mosquitto, plugin {PLUGIN} x1, rate limit off, [coap] max_inflight_requests ="
-        f" {args.max_inflight or '512 (default)'}), Python {sys.version.split()[0]},"
+        f" {args.max_inflight or '512 (default)'},"
+        f" empty_ack_delay_s = {args.empty_ack_delay or '0.1 (default)'}),"
+        f" Python {sys.version.split()[0]},"
         f" aiocoap {importlib.metadata.version('aiocoap')}, {os.cpu_count()} CPUs shared by everything."
     )
     print(
@@ -858,6 +862,7 @@ def main() -> int:
         "--concurrency", type=int, default=0, help="requests in flight for the capacity run; 0: 64 or less"
     )
     ap.add_argument("--max-inflight", type=int, default=0, help="[coap] max_inflight_requests; 0: default")
+    ap.add_argument("--empty-ack-delay", type=float, default=0.0, help="[coap] empty_ack_delay_s; 0: default")
     ap.add_argument("--nodes", type=int, default=2000, help="distinct node ids of the overload")
     ap.add_argument("--sockets", type=int, default=256, help="UDP sockets the overload is sent from")
     ap.add_argument("--rss-bound-mb", type=float, default=300.0, help="bound on gatewayd + worker RSS")
