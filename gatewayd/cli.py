@@ -35,10 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args.cmd == "check-config":
-        try:
-            cfg = config.load(args.file)
-        except config.ConfigError as e:
-            print("\n".join(e.problems), file=sys.stderr)
+        cfg = _load_config(args.file)
+        if cfg is None:
             return 2
         print(f"{args.file}: OK ({len(cfg.plugins)} plugin(s))")
         return 0
@@ -57,16 +55,23 @@ def main(argv: list[str] | None = None) -> int:
     return asyncio.run(demo_mod.run(args.count, args.interval))
 
 
+def _load_config(path: Path) -> config.Config | None:
+    """The config, or None after printing its problems (file:line: key: message) to stderr."""
+    try:
+        return config.load(path)
+    except config.ConfigError as e:
+        print("\n".join(e.problems), file=sys.stderr)
+        return None
+
+
 def _check_plugin(name: str, config_path: Path | None) -> int:
     """Load the plugin in a real worker and warm it up: does its model load, how long does it take."""
     from gatewayd.supervisor import Worker, WorkerFailed
 
     ref, options, threads, timeout = name, {}, 1, 120.0
     if config_path is not None:
-        try:
-            cfg = config.load(config_path)
-        except config.ConfigError as e:
-            print("\n".join(e.problems), file=sys.stderr)
+        cfg = _load_config(config_path)
+        if cfg is None:
             return 2
         for p in cfg.plugins:
             if p.name == name:
@@ -103,10 +108,8 @@ def _status(config_path: Path) -> int:
 
     from gatewayd.app import status_path
 
-    try:
-        cfg = config.load(config_path)
-    except config.ConfigError as e:
-        print("\n".join(e.problems), file=sys.stderr)
+    cfg = _load_config(config_path)
+    if cfg is None:
         return 2
     path = status_path(cfg)
     try:
@@ -148,10 +151,8 @@ def _run(path: Path) -> int:
     from gatewayd import log
     from gatewayd.app import App
 
-    try:
-        cfg = config.load(path)
-    except config.ConfigError as e:
-        print("\n".join(e.problems), file=sys.stderr)
+    cfg = _load_config(path)
+    if cfg is None:
         return 2
     log.setup(cfg.log.level, cfg.log.format)
     return asyncio.run(App(cfg).run())
