@@ -9,6 +9,8 @@ one bounded, insertion-ordered map (no timer per message): entries expire after
 
 from __future__ import annotations
 
+import itertools
+import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -26,7 +28,7 @@ from aiocoap.util.linkformat import Link, LinkFormat
 from gatewayd import coapguard
 from gatewayd.codec import SUPPORTED_FORMATS
 from gatewayd.config import CoapConfig
-from gatewayd.errors import TooLarge
+from gatewayd.errors import TooLarge, Unavailable
 from gatewayd.intake import Intake
 
 log = structlog.get_logger("gatewayd.coap")
@@ -78,6 +80,11 @@ class DedupCache:
         mman._deduplicate_message = deduplicate
         mman._store_response_for_duplicates = store_response
         mman._recent_messages = self._recent
+
+    def knows(self, remote: Any, mid: int) -> bool:
+        """Whether a message from ``remote`` with ``mid`` is remembered (a duplicate if it came again)."""
+        entry = self._recent.get((remote, mid))
+        return entry is not None and entry[0] > time.monotonic()
 
     def _expire(self, now: float) -> None:
         recent = self._recent
@@ -204,6 +211,35 @@ def site(intake: Intake, cfg: CoapConfig, on_response: OnResponse | None = None)
     return root
 
 
+class _Shedder:
+    """While intake is at ``max_inflight_requests``, answer new requests 5.03 before aiocoap parses them.
+
+    A retransmission of a request aiocoap already took (the duplicate cache knows
+    it) still goes to aiocoap, so it gets that request's answer, not a 5.03 that
+    would make the node send it again as a new request.
+    """
+
+    def __init__(self, intake: Intake, cache: DedupCache, cfg: CoapConfig, on_response: OnResponse) -> None:
+        self.intake = intake
+        self.cache = cache
+        self.retry_after_s = cfg.overload_retry_after_s
+        self.on_response = on_response
+        self.refusal = Unavailable("overloaded", cfg.overload_retry_after_s, "overloaded")
+        self.mids = itertools.count(random.randrange(0x10000))
+
+    def active(self) -> bool:
+        return self.intake.inflight >= self.intake.max_inflight
+
+    def answer(self, data: bytes, remote: Any) -> bytes | None:
+        if len(data) < 4 or self.cache.knows(remote, int.from_bytes(data[2:4], "big")):
+            return None
+        answer = coapguard.overload_answer(data, self.retry_after_s, next(self.mids))
+        if answer is not None:
+            self.intake.shed_early += 1
+            self.on_response(self.refusal.code, self.refusal)
+        return answer
+
+
 async def serve(
     intake: Intake, cfg: CoapConfig, on_response: OnResponse | None = None
 ) -> tuple[aiocoap.Context, list[DedupCache]]:
@@ -219,7 +255,8 @@ async def serve(
             cache = DedupCache(cfg.dedup_max_entries, cfg.dedup_lifetime_s)
             cache.install(ri.token_interface)
             caches.append(cache)
-            coapguard.harden_udp(ri.token_interface.message_interface)
+            shedder = _Shedder(intake, cache, cfg, on_response or _not_counted)
+            coapguard.harden_udp(ri.token_interface.message_interface, shedder)
     if not caches:
         raise RuntimeError("aiocoap's UDP message manager not found: cannot bound duplicate memory")
     return ctx, caches

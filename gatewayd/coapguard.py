@@ -20,7 +20,7 @@ and another traceback. Here:
 from __future__ import annotations
 
 import socket
-from typing import Any
+from typing import Any, Protocol
 
 import aiocoap
 from aiocoap import blockwise
@@ -153,12 +153,50 @@ def decode_lenient(data: bytes, remote: Any) -> aiocoap.Message:
     return msg
 
 
-def harden_udp(interface: Any) -> None:
+class Shedder(Protocol):
+    """Answers requests without aiocoap while the gateway is overloaded (see ``overload_answer``)."""
+
+    def active(self) -> bool: ...
+
+    def answer(self, data: bytes, remote: UDP6EndpointAddress) -> bytes | None: ...
+
+
+def overload_answer(data: bytes, max_age: int, mid: int, diagnostic: bytes = b"overloaded") -> bytes | None:
+    """A 5.03 with Max-Age for a CON or NON request datagram, built from its header alone.
+
+    A fraction of what aiocoap spends parsing and answering, so that under overload
+    the excess is answered rather than dropped by the kernel. CON gets a piggy-backed
+    ACK with the request's message id, NON a NON with ``mid`` (RFC 7252 §4.2, §5.2).
+    None for anything that is not a request.
+    """
+    if len(data) < 4:
+        return None
+    b0, code = data[0], data[1]
+    kind, tkl = (b0 >> 4) & 3, b0 & 0x0F
+    if b0 >> 6 != 1 or kind > 1 or tkl > 8 or len(data) < 4 + tkl or code == 0 or code >> 5 != 0:
+        return None
+    if kind == 0:
+        head = bytes([0x60 | tkl, 0xA3]) + data[2:4]
+    else:
+        head = bytes([0x50 | tkl, 0xA3]) + (mid & 0xFFFF).to_bytes(2, "big")
+    value = max_age.to_bytes((max_age.bit_length() + 7) // 8, "big")
+    max_age_option = bytes([0xD0 | len(value), 14 - 13]) + value  # option 14, delta in an extended byte
+    return head + data[4 : 4 + tkl] + max_age_option + b"\xff" + diagnostic
+
+
+def harden_udp(interface: Any, shedder: Shedder | None = None) -> None:
     """Wrap an aiocoap UDP6 message interface's receive callback (see the module docstring)."""
     received = interface.datagram_msg_received
     log = interface.log
 
     def datagram_msg_received(data: bytes, ancdata: Any, flags: int, address: Any) -> None:
+        if shedder is not None and shedder.active():
+            pktinfo = _pktinfo(ancdata)
+            answer = shedder.answer(data, UDP6EndpointAddress(address, interface, pktinfo=pktinfo))
+            if answer is not None:
+                anc = [] if pktinfo is None else [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, pktinfo)]
+                interface.transport.sendmsg(answer, anc, 0, address)
+                return
         try:
             received(data, ancdata, flags, address)
             return
@@ -173,12 +211,8 @@ def harden_udp(interface: Any) -> None:
                 # The decoder was fine, dispatching raised; aiocoap has already logged it.
                 log.debug("exception from dispatch_message swallowed: %r", e)
                 return
-        pktinfo = None
-        for level, kind, cdata in ancdata:
-            if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO:
-                pktinfo = cdata
         try:
-            message = decode_lenient(data, UDP6EndpointAddress(address, interface, pktinfo=pktinfo))
+            message = decode_lenient(data, UDP6EndpointAddress(address, interface, pktinfo=_pktinfo(ancdata)))
         except UnparsableMessage:
             log.warning("Ignoring unparsable message from %s", address)
             return
@@ -188,3 +222,10 @@ def harden_udp(interface: Any) -> None:
             log.error("Exception raised through dispatch_message: %r", e)
 
     interface.datagram_msg_received = datagram_msg_received
+
+
+def _pktinfo(ancdata: Any) -> bytes | None:
+    for level, kind, cdata in ancdata:
+        if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO:
+            return bytes(cdata)
+    return None

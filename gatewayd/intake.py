@@ -39,6 +39,8 @@ class Intake:
         self.overload_retry_after_s = overload_retry_after_s
         #: Requests between arrival and their answer; bounded so overload cannot grow memory and latency.
         self.inflight = 0
+        #: Requests the CoAP front answered 5.03 before parsing them, because ``inflight`` was at the limit.
+        self.shed_early = 0
         #: Set while shutting down: new requests get 5.03.
         self.closed = False
 

@@ -192,3 +192,49 @@ async def test_overload_is_answered_503_and_recovers(tmp_path: Path, coap_client
             after = await post(coap_client, cfg.coap.port, "late", cbor2.dumps({"x": 1}))
             assert after.code == codes.CHANGED and app.intake is not None and app.intake.inflight == 0
         assert elapsed < 10
+
+
+async def test_overload_sheds_new_requests_but_answers_retransmissions(tmp_path: Path) -> None:
+    """At the in-flight limit a new CON is answered 5.03 + Max-Age before aiocoap parses it, while a
+    retransmission of a request already taken still gets that request's own 2.04."""
+    import socket
+
+    def con(mid: int, i: int) -> bytes:
+        head = bytes([0x42, 0x02]) + mid.to_bytes(2, "big") + b"\xab\xcd"
+        return (
+            head
+            + bytes([0xB1])
+            + b"s"
+            + bytes([0x01])
+            + b"n"
+            + bytes([0x11, 60, 0xFF])
+            + cbor2.dumps({"i": i})
+        )
+
+    with Mosquitto() as broker:
+        cfg = make_config(tmp_path, broker.port, coap={"overload_retry_after_s": 4})
+        async with running(cfg) as app:
+            assert app.intake is not None
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.settimeout(5)
+            try:
+                sock.sendto(con(0x0101, 1), ("127.0.0.1", cfg.coap.port))
+                first = await asyncio.to_thread(sock.recv, 2048)
+                app.intake.inflight = app.intake.max_inflight  # as if max_inflight requests were being stored
+                sock.sendto(con(0x0101, 1), ("127.0.0.1", cfg.coap.port))  # the same CON again
+                again = await asyncio.to_thread(sock.recv, 2048)
+                sock.sendto(con(0x0202, 2), ("127.0.0.1", cfg.coap.port))  # a new one
+                shed = aiocoap.Message.decode(await asyncio.to_thread(sock.recv, 2048))
+                shed_early = app.intake.shed_early
+            finally:
+                app.intake.inflight = 0
+                sock.close()
+    assert first[1] == 0x44 and again == first  # 2.04, answered from the duplicate cache
+    assert (shed.mtype, shed.code, shed.mid, shed.token) == (
+        aiocoap.ACK,
+        codes.SERVICE_UNAVAILABLE,
+        0x0202,
+        b"\xab\xcd",
+    )
+    assert shed.opt.max_age == 4 and shed.payload == b"overloaded"
+    assert shed_early == 1  # answered by the front, not by intake after aiocoap parsed it
