@@ -184,12 +184,19 @@ def overload_answer(data: bytes, max_age: int, mid: int, diagnostic: bytes = b"o
     return head + data[4 : 4 + tkl] + max_age_option + b"\xff" + diagnostic
 
 
+#: Datagrams read per wakeup of the event loop at most, so one busy socket cannot starve the rest.
+READ_BURST = 64
+
+
 def harden_udp(interface: Any, shedder: Shedder | None = None) -> None:
     """Wrap an aiocoap UDP6 message interface's receive callback (see the module docstring)."""
     received = interface.datagram_msg_received
     log = interface.log
 
+    received_count = [0]
+
     def datagram_msg_received(data: bytes, ancdata: Any, flags: int, address: Any) -> None:
+        received_count[0] += 1
         if shedder is not None and shedder.active():
             pktinfo = _pktinfo(ancdata)
             answer = shedder.answer(data, UDP6EndpointAddress(address, interface, pktinfo=pktinfo))
@@ -222,6 +229,22 @@ def harden_udp(interface: Any, shedder: Shedder | None = None) -> None:
             log.error("Exception raised through dispatch_message: %r", e)
 
     interface.datagram_msg_received = datagram_msg_received
+
+    # aiocoap's transport reads one datagram per wakeup of the event loop: under load the kernel's
+    # receive buffer overflowed (datagrams dropped unanswered) while the loop was not even busy.
+    # Read until the socket is empty, a bounded burst at a time. (Its reader callback looks
+    # ``_read_ready`` up on the instance each time.)
+    transport = interface.transport
+    read_one = transport._read_ready
+
+    def read_burst() -> None:
+        for _ in range(READ_BURST):
+            before = received_count[0]
+            read_one()
+            if received_count[0] == before:
+                return
+
+    transport._read_ready = read_burst
 
 
 def _pktinfo(ancdata: Any) -> bytes | None:

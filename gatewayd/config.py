@@ -36,7 +36,7 @@ class CoapConfig(_Strict):
     overload_retry_after_s: Annotated[int, Field(ge=1, le=3600)] = 2
     #: How long an answer may take before an empty ACK is sent and the answer follows as a separate
     #: CON; kept below a client's ACK_TIMEOUT (2 s) so nodes do not retransmit meanwhile.
-    empty_ack_delay_s: Annotated[float, Field(gt=0, lt=2.0)] = 0.1
+    empty_ack_delay_s: Annotated[float, Field(gt=0, lt=2.0)] = 1.0
 
 
 class StoreConfig(_Strict):
