@@ -228,7 +228,9 @@ async def test_dedup_cache_is_bounded(tmp_path: Path, broker: Mosquitto) -> None
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             for mid in range(300):
-                head = bytes([0x50, 0x02]) + mid.to_bytes(2, "big")  # NON POST, no token
+                # NON POST with a 2-byte token unique per request (RFC 7252 §5.3.1: aiocoap cancels a
+                # request still in flight when another comes with the same endpoint and token).
+                head = bytes([0x52, 0x02]) + mid.to_bytes(2, "big") + mid.to_bytes(2, "big")
                 options = bytes([0xB1]) + b"s" + bytes([0x01]) + b"n" + bytes([0x11, 60, 0xFF])
                 sock.sendto(head + options + cbor2.dumps({"i": mid}), ("127.0.0.1", cfg.coap.port))
                 if mid % 20 == 19:
