@@ -16,7 +16,7 @@ node with one CON in flight (as a real node with NSTART=1), which keeps C reques
 One socket per node also keeps (source port, message id) unique for the 247 s a server remembers
 it, and gives each separate (CON) response its own remote, which aiocoap would otherwise queue.
 
-Not a pytest test: no ``test_`` names. ``--bare-server PORT`` and ``--mqtt-count PORT TOPIC`` are
+Not a pytest test: no ``test_`` names. ``--bare-server PORT`` and ``--mqtt-tally PORT GW`` are
 the entry points of the child processes this script starts.
 """
 
@@ -38,6 +38,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -442,7 +443,7 @@ def gatewayd_server(
         f'[coap]\nbind = "{HOST}"\nport = {port}\n{extra}\n'
         f'[store]\npath = "{workdir / gateway_id}.db"\nsynchronous = "{synchronous}"\n\n'
         f'[mqtt]\nhost = "127.0.0.1"\nport = {broker_port}\nclient_id = "{gateway_id}"\n\n'
-        '[limits]\nrate_per_s = 0\n\n[metrics]\nenabled = false\n\n'
+        "[limits]\nrate_per_s = 0\n\n[metrics]\nenabled = false\n\n"
         '[log]\nlevel = "warning"\nformat = "json"\n'
     )
     return Server(name, [*gatewayd_exe(), "run", "--config", str(cfg)], port, workdir / f"{gateway_id}.log")
@@ -459,35 +460,65 @@ def log_problems(server: Server) -> list[str]:
     return [line for line in server.log_tail(1 << 20).splitlines() if line.strip()]
 
 
-class MqttCounter:
-    """A child process subscribed (QoS 1) to ``topic`` that counts messages and distinct reading ids.
+class Probe(asyncio.DatagramProtocol):
+    """A node's socket that hands every datagram to a queue, and acknowledges separate (CON) responses."""
 
-    A child, so that decoding and acknowledging thousands of messages a second does not take
-    the load generator's CPU.
+    def __init__(self) -> None:
+        self.replies: asyncio.Queue[bytes] = asyncio.Queue()
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: object) -> None:
+        if len(data) >= 4 and (data[0] >> 4) & 3 == CON and self.transport is not None:
+            self.transport.sendto(empty_ack(data[2] << 8 | data[3]))
+        self.replies.put_nowait(data)
+
+
+class MqttTally:
+    """A subscriber child for gateway ``gw``: distinct readings and results, anomalies, result errors,
+    each plugin's state; started before gatewayd so nothing it publishes is missed.
+
+    A child, so that decoding and acknowledging thousands of messages a second does not take the
+    load generator's CPU. Every benchmark uses this one.
     """
 
-    def __init__(self, broker_port: int, topic: str) -> None:
-        argv = [sys.executable, str(Path(__file__).resolve()), "--mqtt-count", str(broker_port), topic]
+    def __init__(self, broker_port: int, gw: str) -> None:
+        argv = [sys.executable, str(Path(__file__).resolve()), "--mqtt-tally", str(broker_port), gw]
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()  # "ready" once the broker acknowledged the subscription
+        line = self.proc.stdout.readline()  # "ready" once the broker acknowledged the subscriptions
         if line.strip() != "ready":
             self.close()
-            raise RuntimeError(f"MQTT counter did not start: {line!r}")
+            raise RuntimeError(f"MQTT subscriber did not start: {line!r}")
 
-    def counts(self) -> dict[str, int]:
+    def poll(self) -> dict[str, Any]:
+        """The tally now: see ``_mqtt_tally_main`` for the keys."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write("count\n")
+        self.proc.stdin.write("poll\n")
         self.proc.stdin.flush()
-        counts: dict[str, int] = json.loads(self.proc.stdout.readline())
-        return counts
+        doc: dict[str, Any] = json.loads(self.proc.stdout.readline())
+        return doc
 
-    async def wait_for(self, n: int, timeout_s: float) -> tuple[dict[str, int], float]:
-        """Poll until ``n`` distinct readings were seen (bounded); returns the counts and the wait."""
+    def plugin_state(self, plugin: str) -> str | None:
+        state: str | None = self.poll()["plugins"].get(plugin, {}).get("state")
+        return state
+
+    async def wait_ready(self, plugin: str, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if await asyncio.to_thread(self.plugin_state, plugin) == "ready":
+                return True
+            await asyncio.sleep(0.2)
+        return False
+
+    async def wait_for(self, readings: int, results: int, timeout_s: float) -> tuple[dict[str, Any], float]:
+        """Poll until that many distinct readings and results were seen (bounded); the tally and the wait."""
         t0 = time.monotonic()
         while True:
-            c = await asyncio.to_thread(self.counts)
-            if c["ids"] >= n or time.monotonic() - t0 > timeout_s:
+            c = await asyncio.to_thread(self.poll)
+            if (c["readings"] >= readings and c["results"] >= results) or time.monotonic() - t0 > timeout_s:
                 return c, time.monotonic() - t0
             await asyncio.sleep(0.1)
 
@@ -526,27 +557,71 @@ async def _bare_server_main(port: int) -> None:
     await ctx.shutdown()
 
 
-async def _mqtt_count_main(broker_port: int, topic: str) -> None:
-    import aiomqtt  # only this child needs it
+def _mqtt_tally_main(port: int, gw: str) -> None:
+    """Tally ``gw``'s readings, results and plugin states; answer each line on stdin with a JSON line.
 
-    messages = 0
-    ids: set[str] = set()
+    Keys: readings / results (distinct ids), readings_msgs / results_msgs (messages, duplicates
+    included), anomalies, result_errors, last_result_t (monotonic time of the last new result id),
+    plugins: {name: {state, restarts, ready_t}} (ready_t: when it was first seen ready). paho in its
+    own thread, no event loop, so this child costs little CPU. Reading ids are
+    ``{store prefix}-{sequence}``; one store means one prefix, so the sequence alone is kept.
+    """
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
 
-    async def consume(client: aiomqtt.Client) -> None:
-        nonlocal messages
-        async for msg in client.messages:
-            messages += 1
-            assert isinstance(msg.payload, bytes)
-            ids.add(json.loads(msg.payload)["id"])
+    base = f"gatewayd/{gw}"
+    readings: set[int] = set()
+    results: set[int] = set()
+    st: dict[str, Any] = {
+        "readings_msgs": 0, "results_msgs": 0, "anomalies": 0, "result_errors": 0, "last_result_t": None,
+    }  # fmt: skip
+    plugins: dict[str, dict[str, Any]] = {}
+    lock = threading.Lock()
+    subscribed = threading.Event()
 
-    async with aiomqtt.Client("127.0.0.1", broker_port, identifier=f"bench-count-{os.getpid()}") as client:
-        await client.subscribe(topic, qos=1)
-        print("ready", flush=True)
-        consumer = asyncio.create_task(consume(client))
-        # One JSON line per line read on stdin; EOF ends the child.
-        while await asyncio.to_thread(sys.stdin.readline):
-            print(json.dumps({"messages": messages, "ids": len(ids)}), flush=True)
-        consumer.cancel()
+    def on_connect(c: mqtt.Client, _u: Any, _f: Any, _rc: Any, _p: Any) -> None:
+        c.subscribe([(f"{base}/readings/#", 1), (f"{base}/results/#", 1), (f"{base}/status/plugins/+", 1)])
+
+    def on_subscribe(_c: mqtt.Client, _u: Any, _m: Any, _rc: Any, _p: Any) -> None:
+        subscribed.set()
+
+    def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        now = time.monotonic()  # system-wide clock: comparable with the parent's
+        doc = json.loads(msg.payload)
+        with lock:
+            if msg.topic.startswith(f"{base}/status/plugins/"):
+                p = plugins.setdefault(msg.topic.rsplit("/", 1)[1], {"ready_t": None})
+                p.update(state=doc.get("state"), restarts=doc.get("restarts"))
+                if p["state"] == "ready" and p["ready_t"] is None:
+                    p["ready_t"] = now
+            elif msg.topic.startswith(f"{base}/readings/"):
+                st["readings_msgs"] += 1
+                readings.add(int(doc["id"].rsplit("-", 1)[1]))
+            else:
+                st["results_msgs"] += 1
+                seq = int(doc["reading_id"].rsplit("-", 1)[1])
+                if seq not in results:
+                    results.add(seq)
+                    st["last_result_t"] = now
+                st["anomalies"] += doc.get("anomaly") is True
+                st["result_errors"] += "error" in doc
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-tally-{os.getpid()}")
+    client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
+    client.max_inflight_messages_set(1000)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    if not subscribed.wait(10):
+        print("no subscription", flush=True)
+        return
+    print("ready", flush=True)
+    while sys.stdin.readline():  # one JSON line per line read; EOF ends the child
+        with lock:
+            doc = {**st, "readings": len(readings), "results": len(results),
+                   "plugins": {k: dict(v) for k, v in plugins.items()}}  # fmt: skip
+        print(json.dumps(doc), flush=True)
+    client.loop_stop()
+    client.disconnect()
 
 
 # --- the benchmark -----------------------------------------------------------------------------------
@@ -637,7 +712,7 @@ async def bench(args: argparse.Namespace) -> int:
     with workdir() as wd, Mosquitto() as broker:
         assert broker.proc is not None
         for name in args.servers:
-            counter: MqttCounter | None = None
+            counter: MqttTally | None = None
             if name == "bare-aiocoap":
                 server = bare_server(wd)
             else:
@@ -645,7 +720,7 @@ async def bench(args: argparse.Namespace) -> int:
                 gw = f"bench-{sync.lower()}"
                 server = gatewayd_server(wd, name, gw, broker.port, synchronous=sync)
                 # Subscribed before gatewayd starts, so every reading it publishes is counted.
-                counter = MqttCounter(broker.port, f"gatewayd/{gw}/readings/#")
+                counter = MqttTally(broker.port, gw)
             total_ok = 0
             try:
                 with server:
@@ -661,22 +736,22 @@ async def bench(args: argparse.Namespace) -> int:
                         total_ok += ok
                         if counter is not None:
                             # Let the outbox drain before the next run, and see that nothing was dropped.
-                            counts, row.mqtt_lag_s = await counter.wait_for(total_ok, 60.0)
-                            if counts["ids"] < total_ok:
+                            counts, row.mqtt_lag_s = await counter.wait_for(total_ok, 0, 60.0)
+                            if counts["readings"] < total_ok:
                                 notes.append(
-                                    f"{server.name} C={c}: only {counts['ids']} of {total_ok} acknowledged"
-                                    " readings reached MQTT within 60 s"
+                                    f"{server.name} C={c}: only {counts['readings']} of {total_ok}"
+                                    " acknowledged readings reached MQTT within 60 s"
                                 )
                         rows.append(row)
                         print_progress(row)
             finally:
                 if counter is not None:
-                    counts = counter.counts()
+                    counts = counter.poll()
                     counter.close()
                     notes.append(
                         f"{server.name}: {total_ok} POSTs answered 2.04 in all (warm-up included); the MQTT"
-                        f" subscriber saw {counts['messages']} readings messages, {counts['ids']} distinct"
-                        " reading ids"
+                        f" subscriber saw {counts['readings_msgs']} readings messages,"
+                        f" {counts['readings']} distinct reading ids"
                     )
             if server.returncode not in (0, None):
                 notes.append(f"{server.name} exited with {server.returncode}: {server.log_tail(500)}")
@@ -741,14 +816,14 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[16, 64], help="requests in flight")
     ap.add_argument("--servers", nargs="+", choices=SERVERS, default=SERVERS)
     ap.add_argument("--bare-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
-    ap.add_argument("--mqtt-count", nargs=2, metavar=("PORT", "TOPIC"), help=argparse.SUPPRESS)
+    ap.add_argument("--mqtt-tally", nargs=2, metavar=("PORT", "GW"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.bare_server is not None:
         logging.basicConfig(level=logging.WARNING)
         asyncio.run(_bare_server_main(args.bare_server))
         return 0
-    if args.mqtt_count is not None:
-        asyncio.run(_mqtt_count_main(int(args.mqtt_count[0]), args.mqtt_count[1]))
+    if args.mqtt_tally is not None:
+        _mqtt_tally_main(int(args.mqtt_tally[0]), args.mqtt_tally[1])
         return 0
     if not 1 <= args.seconds <= 600 or not all(1 <= c <= 1024 for c in args.concurrency):
         ap.error("--seconds must be 1..600 and --concurrency 1..1024")

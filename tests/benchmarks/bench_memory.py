@@ -31,21 +31,20 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import aiomqtt
 import cbor2
 
 # The script's own directory is on sys.path: reuse the ingest benchmark's raw CoAP client and launchers.
 from bench_ingest import (
-    CON,
     HOST,
     PAYLOAD,
     LoadGen,
+    Probe,
     Server,
     code_str,
     con_post,
-    empty_ack,
     gatewayd_server,
     log_problems,
     post_tail,
@@ -66,20 +65,8 @@ Seen = dict[str, list[dict[str, Any]]]
 # --- duplicate probe ---------------------------------------------------------------------------------
 
 
-class _Probe(asyncio.DatagramProtocol):
-    """A node's socket that hands every datagram to a queue (and acknowledges separate responses)."""
-
-    def __init__(self) -> None:
-        self.replies: asyncio.Queue[bytes] = asyncio.Queue()
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: object) -> None:
-        if len(data) >= 4 and (data[0] >> 4) & 3 == CON and self.transport is not None:
-            self.transport.sendto(empty_ack(data[2] << 8 | data[3]))
-        self.replies.put_nowait(data)
+class _Probe(Probe):
+    """A node's socket that can also run one exchange to its final response."""
 
     async def exchange(self, datagram: bytes, timeout_s: float = 10.0) -> tuple[bytes, int]:
         """Send ``datagram``; return the first reply (the ACK) and the final response code."""

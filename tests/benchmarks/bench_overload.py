@@ -23,8 +23,7 @@ Each criterion is printed PASS/FAIL with its bound; the exit status is 1 if any 
 A silently dropped datagram (no answer) is told apart from a server that answers slowly by the
 kernel's counters: the server socket's ``drops`` (/proc/net/udp6) and Udp6RcvbufErrors.
 
-Not a pytest test: no ``test_`` names. ``--mqtt-child PORT GW`` is the entry point of the
-subscriber child this script starts (soak.py uses it too).
+Not a pytest test: no ``test_`` names. The MQTT subscriber child is bench_ingest's ``MqttTally``.
 """
 
 from __future__ import annotations
@@ -34,12 +33,9 @@ import asyncio
 import collections
 import contextlib
 import importlib.metadata
-import json
 import os
 import random
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,6 +51,8 @@ from bench_ingest import (
     PAYLOAD,
     RST,
     LoadGen,
+    MqttTally,
+    Probe,
     Server,
     code_str,
     con_post,
@@ -394,116 +392,6 @@ def udp6_rcvbuf_errors() -> int:
     return 0
 
 
-# --- the MQTT subscriber child ---------------------------------------------------------------------------
-
-
-def _mqtt_child_main(port: int, gw: str) -> None:
-    """Count distinct readings and results of ``gw`` and track plugin states; answer polls on stdin.
-
-    paho in its own thread (no event loop), so this child costs little CPU. Reading ids are
-    ``{store prefix}-{sequence}``; one store means one prefix, so the sequence alone is kept (ints
-    are smaller than strings over a 30-minute soak).
-    """
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    base = f"gatewayd/{gw}"
-    readings: set[int] = set()
-    results: set[int] = set()
-    st: dict[str, Any] = {"readings_msgs": 0, "results_msgs": 0, "anomalies": 0, "result_errors": 0}
-    plugins: dict[str, dict[str, Any]] = {}
-    lock = threading.Lock()
-    subscribed = threading.Event()
-
-    def on_connect(c: mqtt.Client, _u: Any, _f: Any, _rc: Any, _p: Any) -> None:
-        c.subscribe([(f"{base}/readings/#", 1), (f"{base}/results/#", 1), (f"{base}/status/plugins/+", 1)])
-
-    def on_subscribe(_c: mqtt.Client, _u: Any, _m: Any, _rc: Any, _p: Any) -> None:
-        subscribed.set()
-
-    def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        doc = json.loads(msg.payload)
-        with lock:
-            if msg.topic.startswith(f"{base}/status/plugins/"):
-                plugins[msg.topic.rsplit("/", 1)[1]] = {k: doc.get(k) for k in ("state", "restarts")}
-            elif msg.topic.startswith(f"{base}/readings/"):
-                st["readings_msgs"] += 1
-                readings.add(int(doc["id"].rsplit("-", 1)[1]))
-            else:
-                st["results_msgs"] += 1
-                results.add(int(doc["reading_id"].rsplit("-", 1)[1]))
-                st["anomalies"] += doc.get("anomaly") is True
-                st["result_errors"] += "error" in doc
-
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-overload-{os.getpid()}")
-    client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
-    client.max_inflight_messages_set(1000)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    if not subscribed.wait(10):
-        print("no subscription", flush=True)
-        return
-    print("ready", flush=True)
-    while sys.stdin.readline():  # one JSON line per line read; EOF ends the child
-        with lock:
-            doc = {**st, "readings": len(readings), "results": len(results), "plugins": dict(plugins)}
-        print(json.dumps(doc), flush=True)
-    client.loop_stop()
-    client.disconnect()
-
-
-class MqttTally:
-    """The subscriber child, started before gatewayd so that nothing it publishes is missed."""
-
-    def __init__(self, broker_port: int, gw: str) -> None:
-        argv = [sys.executable, str(Path(__file__).resolve()), "--mqtt-child", str(broker_port), gw]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if line.strip() != "ready":
-            self.close()
-            raise RuntimeError(f"MQTT subscriber did not start: {line!r}")
-
-    def poll(self) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write("poll\n")
-        self.proc.stdin.flush()
-        doc: dict[str, Any] = json.loads(self.proc.stdout.readline())
-        return doc
-
-    def plugin_state(self) -> str | None:
-        state: str | None = self.poll()["plugins"].get(PLUGIN, {}).get("state")
-        return state
-
-    async def wait_ready(self, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if await asyncio.to_thread(self.plugin_state) == "ready":
-                return True
-            await asyncio.sleep(0.2)
-        return False
-
-    async def wait_for(self, n: int, timeout_s: float) -> tuple[dict[str, Any], float]:
-        """Poll until ``n`` distinct readings and ``n`` distinct results were seen (bounded)."""
-        t0 = time.monotonic()
-        while True:
-            c = await asyncio.to_thread(self.poll)
-            if (c["readings"] >= n and c["results"] >= n) or time.monotonic() - t0 > timeout_s:
-                return c, time.monotonic() - t0
-            await asyncio.sleep(0.2)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(OSError):
-                assert self.proc.stdin is not None
-                self.proc.stdin.close()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 def log_lines(server: Server) -> list[str]:
     """gatewayd logs at warning and above only: every line is worth showing."""
     return [line[:300] for line in server.log_tail(1 << 20).splitlines() if line.strip()]
@@ -512,25 +400,11 @@ def log_lines(server: Server) -> list[str]:
 # --- a fresh POST -------------------------------------------------------------------------------------------
 
 
-class _Probe(asyncio.DatagramProtocol):
-    def __init__(self) -> None:
-        self.replies: asyncio.Queue[bytes] = asyncio.Queue()
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        if len(data) >= 4 and (data[0] >> 4) & 3 == CON and self.transport is not None:
-            self.transport.sendto(empty_ack(data[2] << 8 | data[3]))
-        self.replies.put_nowait(data)
-
-
 async def fresh_post(port: int, node: str, timeout_s: float) -> tuple[int | None, float]:
     """One CON POST from a new socket: (final code or None if none within ``timeout_s``, seconds)."""
     loop = asyncio.get_running_loop()
     transport, probe = await loop.create_datagram_endpoint(
-        _Probe, local_addr=(HOST, 0), remote_addr=(HOST, port)
+        Probe, local_addr=(HOST, 0), remote_addr=(HOST, port)
     )
     t0 = time.perf_counter()
     try:
@@ -634,7 +508,7 @@ async def run(args: argparse.Namespace) -> Result:
         server = plugin_gateway(wd, gw, broker.port, coap=coap)
         try:
             with server:
-                if not await mq.wait_ready(120):
+                if not await mq.wait_ready(PLUGIN, 120):
                     raise RuntimeError(f"plugin not ready in 120 s: {server.log_tail(1000)}")
                 await phases(server, broker.proc.pid, mq, args, res)
                 res.alive_after = server.proc is not None and server.proc.poll() is None
@@ -666,7 +540,7 @@ async def phases(
         cap.close()
     done_ok = cap.total_ok
     # Start the overload from an empty backlog, so it measures the overload and not leftovers.
-    counts, res.catchup_s = await mq.wait_for(done_ok, 120)
+    counts, res.catchup_s = await mq.wait_for(done_ok, done_ok, 120)
     if counts["readings"] < done_ok or counts["results"] < done_ok:
         raise RuntimeError(f"capacity phase not drained in 120 s: {counts} of {done_ok}")
 
@@ -709,7 +583,9 @@ async def phases(
         res.expected_readings = (
             done_ok + res.tally.codes[CODE_CHANGED] + sum(a.startswith("2.04") for a in res.recover_attempts)
         )
-        res.mqtt, res.mqtt_wait_s = await mq.wait_for(res.expected_readings, args.recovery_timeout_s)
+        res.mqtt, res.mqtt_wait_s = await mq.wait_for(
+            res.expected_readings, res.expected_readings, args.recovery_timeout_s
+        )
         for i in range(5):
             res.fresh.append(await fresh_post(server.port, f"after-{i}", 5.0))
     finally:
@@ -870,11 +746,7 @@ def main() -> int:
     ap.add_argument("--max-unanswered-pct", type=float, default=1.0, help="requests allowed no answer")
     ap.add_argument("--fresh-bound-s", type=float, default=0.5, help="a fresh POST's latency after the load")
     ap.add_argument("--recovery-timeout-s", type=float, default=120.0, help="wait for MQTT to catch up")
-    ap.add_argument("--mqtt-child", nargs=2, metavar=("PORT", "GW"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.mqtt_child is not None:
-        _mqtt_child_main(int(args.mqtt_child[0]), args.mqtt_child[1])
-        return 0
     if not (1 <= args.factor <= 50 and 1 <= args.seconds <= 300 and 1 <= args.cap_seconds <= 120):
         ap.error("--factor 1..50, --seconds 1..300, --cap-seconds 1..120")
     if not (0 <= args.concurrency <= 1024 and 1 <= args.sockets <= 1024 and 1 <= args.nodes <= 100_000):

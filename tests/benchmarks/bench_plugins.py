@@ -35,8 +35,7 @@ Batch 1 is 4-5x slower, so its runs use a smaller N (``--readings-b1``) to keep 
 near 1.5 minutes; every row shows its N. ``--synchronous NORMAL`` shows what the per-commit fsync
 costs (the default FULL is the daemon's default).
 
-Not a pytest test: no ``test_`` names. ``--mqtt-results PORT GW`` is the entry point of the
-subscriber child this script starts.
+Not a pytest test: no ``test_`` names. The MQTT subscriber child is bench_ingest's ``MqttTally``.
 """
 
 from __future__ import annotations
@@ -53,7 +52,6 @@ import sqlite3
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -69,6 +67,7 @@ import onnxruntime as ort
 # The script's own directory is on sys.path: reuse the ingest benchmark's launchers and /proc readers.
 from bench_ingest import (
     HOST,
+    MqttTally,
     Server,
     free_udp6_port,
     gatewayd_exe,
@@ -79,7 +78,7 @@ from bench_ingest import (
 )
 
 from gatewayd.codec import Draft
-from gatewayd.plugin_api import Reading
+from gatewayd.plugin_api import FieldValue, Reading
 from gatewayd.simulator import pump_reading
 from gatewayd.store import Store
 from gatewayd.testing import Mosquitto, free_port
@@ -109,7 +108,8 @@ async def _fill(path: Path, n: int) -> None:
     try:
         now = time.time()
         by_node: dict[str, list[Draft]] = {}
-        for i, (node, fields) in enumerate(pump_readings(n)):
+        for i, (node, reading) in enumerate(pump_readings(n)):
+            fields: dict[str, FieldValue] = dict(reading)
             by_node.setdefault(node, []).append(Draft(now + i * 1e-4, fields, dict(UNITS)))
         # Chunks of 50 per node, nodes interleaved as they would arrive, all queued at once so they
         # share group commits like concurrent POSTs.
@@ -129,90 +129,6 @@ def make_template(wd: Path, n: int) -> Path:
     if not path.exists():
         asyncio.run(_fill(path, n))
     return path
-
-
-# --- the MQTT subscriber child ----------------------------------------------------------------------
-
-
-def _mqtt_results_main(port: int, gw: str) -> None:
-    """Count distinct result ids and note when the plugin became ready; answer polls on stdin.
-
-    paho directly (not aiomqtt): a thread with no event loop keeps this child's CPU low.
-    """
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    base = f"gatewayd/{gw}"
-    status_topic = f"{base}/status/plugins/{PLUGIN}"
-    ids: set[str] = set()
-    st: dict[str, Any] = {"ready_t": None, "msgs": 0, "errors": 0, "last_t": None, "states": []}
-    subscribed = threading.Event()
-
-    def on_connect(c: mqtt.Client, _u: Any, _f: Any, _rc: Any, _p: Any) -> None:
-        c.subscribe([(status_topic, 1), (f"{base}/results/{PLUGIN}/#", 1)])
-
-    def on_subscribe(_c: mqtt.Client, _u: Any, _m: Any, _rc: Any, _p: Any) -> None:
-        subscribed.set()
-
-    def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        now = time.monotonic()  # system-wide clock: comparable with the parent's
-        doc = json.loads(msg.payload)
-        if msg.topic == status_topic:
-            st["states"].append(doc["state"])
-            if doc["state"] == "ready" and st["ready_t"] is None:
-                st["ready_t"] = now
-            return
-        st["msgs"] += 1
-        st["errors"] += "error" in doc
-        rid = doc["reading_id"]
-        if rid not in ids:
-            ids.add(rid)
-            st["last_t"] = now
-
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-results-{os.getpid()}")
-    client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
-    client.max_inflight_messages_set(1000)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    if not subscribed.wait(10):
-        print("no subscription", flush=True)
-        return
-    print("ready", flush=True)
-    while sys.stdin.readline():  # one JSON line per line read; EOF ends the child
-        print(json.dumps({**st, "ids": len(ids)}), flush=True)
-    client.loop_stop()
-    client.disconnect()
-
-
-class ResultsCounter:
-    """The subscriber child: started before gatewayd so nothing it publishes is missed."""
-
-    def __init__(self, broker_port: int, gw: str) -> None:
-        argv = [sys.executable, str(Path(__file__).resolve()), "--mqtt-results", str(broker_port), gw]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if line.strip() != "ready":
-            self.close()
-            raise RuntimeError(f"MQTT subscriber did not start: {line!r}")
-
-    def poll(self) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write("poll\n")
-        self.proc.stdin.flush()
-        doc: dict[str, Any] = json.loads(self.proc.stdout.readline())
-        return doc
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(OSError):
-                assert self.proc.stdin is not None
-                self.proc.stdin.close()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 # --- one gateway run --------------------------------------------------------------------------------
@@ -345,7 +261,7 @@ def run_gateway(
     db = wd / f"{gw}.db"
     shutil.copyfile(template, db)
     cfg, coap_port = gateway_config(wd, gw, db, run, broker.port if run.publish else free_port())
-    counter = ResultsCounter(broker.port, gw) if run.publish else None
+    counter = MqttTally(broker.port, gw) if run.publish else None
     server = Server(gw, [*gatewayd_exe(), "run", "--config", str(cfg)], coap_port, wd / f"{gw}.log")
     pending_db: sqlite3.Connection | None = None
     try:
@@ -374,11 +290,12 @@ def run_gateway(
                 run.drained_t = t
             if counter is not None:
                 st = counter.poll()
-                run.results_seen, run.result_msgs, run.result_errors = st["ids"], st["msgs"], st["errors"]
-                if st["ready_t"] is not None:
-                    run.ready_t = st["ready_t"]
-                if st["ids"] >= run.n:
-                    run.published_t = st["last_t"]
+                run.results_seen, run.result_msgs = st["results"], st["results_msgs"]
+                run.result_errors = st["result_errors"]
+                if (ready_t := st["plugins"].get(PLUGIN, {}).get("ready_t")) is not None:
+                    run.ready_t = ready_t
+                if st["results"] >= run.n:
+                    run.published_t = st["last_result_t"]
             if math.isnan(run.ready_log_t):
                 run.ready_log_t = ready_from_log(server.log_path)
             if not run.publish:
@@ -720,11 +637,7 @@ def main() -> int:
     ap.add_argument("--synchronous", choices=["FULL", "NORMAL"], default="FULL", help="the store's mode")
     ap.add_argument("--direct-seconds", type=float, default=0.4, help="seconds per direct measurement window")
     ap.add_argument("--reps", type=int, default=5, help="direct measurement windows (the median is shown)")
-    ap.add_argument("--mqtt-results", nargs=2, metavar=("PORT", "GW"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.mqtt_results is not None:
-        _mqtt_results_main(int(args.mqtt_results[0]), args.mqtt_results[1])
-        return 0
     if args.readings < 1000 or args.readings_b1 < 100 or any(not 2 <= b <= 4096 for b in args.batches):
         ap.error("--readings ≥ 1000, --readings-b1 ≥ 100, --batches in 2..4096")
     return bench(args)

@@ -48,10 +48,9 @@ from typing import Any
 import cbor2
 
 # The script's own directory is on sys.path: reuse the other benchmarks' generator and readers.
-from bench_ingest import CODE_CHANGED, code_str, post_tail, proc_cpu_s, proc_status_kb, workdir
+from bench_ingest import CODE_CHANGED, MqttTally, code_str, post_tail, proc_cpu_s, proc_status_kb, workdir
 from bench_overload import (
     PLUGIN,
-    MqttTally,
     OpenLoop,
     Tally,
     broker_unbounded_queue,
@@ -173,7 +172,7 @@ async def soak(args: argparse.Namespace, wd: Path) -> Soak:
         server = plugin_gateway(wd, gw, broker.port)
         try:
             with server:
-                if not await mq.wait_ready(120):
+                if not await mq.wait_ready(PLUGIN, 120):
                     raise RuntimeError(f"plugin not ready in 120 s: {server.log_tail(1000)}")
                 gen = await OpenLoop(server.port, args.nodes, pumps.tail).open()
                 try:
@@ -220,7 +219,9 @@ async def soak(args: argparse.Namespace, wd: Path) -> Soak:
                 finally:
                     gen.close()
                 res.faults = pumps.faults
-                res.mqtt, res.mqtt_wait_s = await mq.wait_for(res.total.codes[CODE_CHANGED], 120)
+                res.mqtt, res.mqtt_wait_s = await mq.wait_for(
+                    res.total.codes[CODE_CHANGED], res.total.codes[CODE_CHANGED], 120
+                )
         finally:
             res.exit_code = server.returncode
             res.problems = log_lines(server)
