@@ -127,35 +127,28 @@ class ReadingsResource(resource.Resource, resource.PathCapable):
         return True
 
     async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
-        """Answer the POST, and tell ``on_response`` the code it got."""
-        try:
-            response = await self._post(request)
-        except error.RenderableError as e:
-            self._refused(e)
-            raise
-        self.on_response(response.code, None)
-        return response
-
-    async def _post(self, request: aiocoap.Message) -> aiocoap.Message:
+        """Store the body's readings and answer 2.04 once they are durable; every answer is counted."""
         path = request.opt.uri_path[len(READINGS_PATH) :]
-        if len(path) != 1:
-            raise error.NotFound("use /s/{node}")
-        if len(request.payload) > self.max_body:
-            raise self._too_large(len(request.payload))
-        cf = request.opt.content_format
+        node = path[0] if len(path) == 1 else "?"
         try:
-            await self.intake.accept(path[0], None if cf is None else int(cf), request.payload)
+            if len(path) != 1:
+                raise error.NotFound("use /s/{node}")
+            if len(request.payload) > self.max_body:
+                raise self._too_large(len(request.payload))
+            cf = request.opt.content_format
+            await self.intake.accept(node, None if cf is None else int(cf), request.payload)
         except error.RenderableError as e:
             log.info(
                 "request_refused",
-                node=path[0],
+                node=node,
                 code=str(e.code) if hasattr(e, "code") else "?",
                 diagnostic=getattr(e, "diagnostic", str(e)),
             )
-            raise
+            raise self._refused(e) from None
         except Exception:
-            log.exception("request_failed", node=path[0])
-            raise error.InternalServerError("internal error") from None
+            log.exception("request_failed", node=node)
+            raise self._refused(error.InternalServerError("internal error")) from None
+        self.on_response(codes.CHANGED, None)
         return aiocoap.Message(code=codes.CHANGED)
 
 
