@@ -426,6 +426,16 @@ class Server:
         self.stop()
 
 
+def children(pid: int) -> list[int]:
+    """Child pids of ``pid`` (any of its threads may have forked: the plugin workers), from /proc."""
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
 def gatewayd_exe() -> list[str]:
     exe = Path(sys.executable).with_name("gatewayd")
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "gatewayd.cli"]

@@ -54,6 +54,7 @@ from bench_ingest import (
     MqttTally,
     Probe,
     Server,
+    children,
     code_str,
     con_post,
     empty_ack,
@@ -344,16 +345,6 @@ def broker_unbounded_queue(broker: Mosquitto) -> Mosquitto:
     dropped by the broker for a slow subscriber and look like a reading gatewayd lost."""
     broker.conf.write_text(broker.conf.read_text() + "max_queued_messages 0\n")
     return broker
-
-
-def children(pid: int) -> list[int]:
-    """Child pids of ``pid`` (the plugin workers), from /proc/<pid>/task/*/children."""
-    out: list[int] = []
-    with contextlib.suppress(OSError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError):
-                out += [int(c) for c in (task / "children").read_text().split()]
-    return out
 
 
 def rss_kb(pid: int) -> int:

@@ -69,6 +69,7 @@ from bench_ingest import (
     HOST,
     MqttTally,
     Server,
+    children,
     free_udp6_port,
     gatewayd_exe,
     machine_jiffies,
@@ -132,16 +133,6 @@ def make_template(wd: Path, n: int) -> Path:
 
 
 # --- one gateway run --------------------------------------------------------------------------------
-
-
-def children(pid: int) -> list[int]:
-    """Child pids of ``pid`` (any of its threads may have forked), from /proc."""
-    out: list[int] = []
-    with contextlib.suppress(OSError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError):
-                out += [int(c) for c in (task / "children").read_text().split()]
-    return out
 
 
 def cpu_or_none(pid: int | None) -> float | None:

@@ -48,13 +48,21 @@ from typing import Any
 import cbor2
 
 # The script's own directory is on sys.path: reuse the other benchmarks' generator and readers.
-from bench_ingest import CODE_CHANGED, MqttTally, code_str, post_tail, proc_cpu_s, proc_status_kb, workdir
+from bench_ingest import (
+    CODE_CHANGED,
+    MqttTally,
+    children,
+    code_str,
+    post_tail,
+    proc_cpu_s,
+    proc_status_kb,
+    workdir,
+)
 from bench_overload import (
     PLUGIN,
     OpenLoop,
     Tally,
     broker_unbounded_queue,
-    children,
     log_lines,
     pct,
     plugin_gateway,
