@@ -24,6 +24,7 @@ from gatewayd.router import Route, Router
 from gatewayd.scheduler import Slots
 from gatewayd.store import Store
 from gatewayd.supervisor import PluginRunner
+from gatewayd.uploads import Block1Spool
 
 log = structlog.get_logger("gatewayd.app")
 
@@ -45,6 +46,7 @@ class App:
         self.intake: Intake | None = None
         self.dedup: list[coap.DedupCache] = []
         self.coap_ctx: aiocoap.Context | None = None
+        self.uploads: Block1Spool | None = None
         #: The Prometheus endpoint, when [metrics] enabled.
         self.metrics: Metrics | None = None
         #: Set once the CoAP server answers (tests and the demo wait on it).
@@ -123,7 +125,7 @@ class App:
             max_inflight=cfg.coap.max_inflight_requests,
             overload_retry_after_s=cfg.coap.overload_retry_after_s,
         )
-        self.coap_ctx, self.dedup = await coap.serve(
+        self.coap_ctx, self.dedup, self.uploads = await coap.serve(
             self.intake, cfg.coap, metrics.count_response if metrics else None
         )
         tasks = {

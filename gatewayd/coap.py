@@ -9,6 +9,7 @@ one bounded, insertion-ordered map (no timer per message): entries expire after
 
 from __future__ import annotations
 
+import copy
 import itertools
 import random
 import time
@@ -30,6 +31,7 @@ from gatewayd.codec import SUPPORTED_FORMATS
 from gatewayd.config import CoapConfig
 from gatewayd.errors import TooLarge, Unavailable
 from gatewayd.intake import Intake
+from gatewayd.uploads import Block1Spool
 
 log = structlog.get_logger("gatewayd.coap")
 
@@ -75,7 +77,11 @@ class DedupCache:
         def store_response(message: aiocoap.Message) -> None:
             entry = self._recent.get((message.remote, message.mid))
             if entry is not None:
-                entry[1] = message
+                # A shallow copy without ``.request``: the answer to an upload's last block refers to the
+                # whole reassembled body (a camera frame) and would keep it for the entry's lifetime.
+                slim = copy.copy(message)
+                slim.request = None
+                entry[1] = slim
 
         mman._deduplicate_message = deduplicate
         mman._store_response_for_duplicates = store_response
@@ -101,11 +107,12 @@ class DedupCache:
 class ReadingsResource(resource.Resource, resource.PathCapable):
     """``POST /s/{node}``: store the body's readings, answer 2.04 once they are durable."""
 
-    def __init__(self, intake: Intake, max_body_bytes: int, on_response: OnResponse | None = None) -> None:
+    def __init__(self, intake: Intake, cfg: CoapConfig, on_response: OnResponse | None = None) -> None:
         super().__init__()  # aiocoap's block-wise state lives in the base class
         self.intake = intake
-        self.max_body = max_body_bytes
+        self.max_body = cfg.max_body_bytes
         self.on_response = on_response or _not_counted
+        self.uploads = self._block1 = upload_spool(cfg)
 
     def _too_large(self, size: int) -> TooLarge:
         return TooLarge(f"body of {size} bytes exceeds {self.max_body}", self.max_body)
@@ -120,10 +127,12 @@ class ReadingsResource(resource.Resource, resource.PathCapable):
         # Called per block: refuse during the transfer, before the whole body is buffered.
         block1 = request.opt.block1
         if block1 is not None:
+            size = block1.start + len(request.payload)
             if request.opt.size1 is not None and request.opt.size1 > self.max_body:
-                raise self._refused(self._too_large(request.opt.size1))
-            if block1.start + len(request.payload) > self.max_body:
-                raise self._refused(self._too_large(block1.start + len(request.payload)))
+                size = request.opt.size1
+            if size > self.max_body:
+                self.uploads.discard(request)  # its earlier blocks are not needed any more
+                raise self._refused(self._too_large(size))
         return True
 
     async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
@@ -159,14 +168,14 @@ class _Root(resource.Site):
     of the server's CPU per reading. The readings resource strips it itself.
     """
 
-    def __init__(self, readings: ReadingsResource) -> None:
+    def __init__(self, readings: ReadingsResource, cfg: CoapConfig) -> None:
         super().__init__()
         self._readings = readings
-        coapguard.harden_resource(readings)
+        self._cfg = cfg
         self._counted = readings._refused  # refusals here are counted like the resource's own
 
     def add_resource(self, path: Any, res: Any) -> None:
-        coapguard.harden_resource(res)  # a gap in a Block1 upload is 4.08 there too
+        res._block1 = upload_spool(self._cfg)  # a Block1 upload elsewhere is bounded and 4.08 there too
         super().add_resource(path, res)
 
     async def render_to_pipe(self, pipe: Any) -> None:
@@ -186,8 +195,12 @@ class _Root(resource.Site):
         return found
 
 
-def site(intake: Intake, cfg: CoapConfig, on_response: OnResponse | None = None) -> resource.Site:
-    root = _Root(ReadingsResource(intake, cfg.max_body_bytes, on_response))
+def upload_spool(cfg: CoapConfig) -> Block1Spool:
+    return Block1Spool(cfg.upload_timeout_s, cfg.max_uploads, cfg.overload_retry_after_s)
+
+
+def site(intake: Intake, cfg: CoapConfig, on_response: OnResponse | None = None) -> _Root:
+    root = _Root(ReadingsResource(intake, cfg, on_response), cfg)
     links = LinkFormat(
         [
             Link(
@@ -235,13 +248,12 @@ class _Shedder:
 
 async def serve(
     intake: Intake, cfg: CoapConfig, on_response: OnResponse | None = None
-) -> tuple[aiocoap.Context, list[DedupCache]]:
-    """Start the UDP CoAP server; returns the context and its duplicate caches."""
+) -> tuple[aiocoap.Context, list[DedupCache], Block1Spool]:
+    """Start the UDP CoAP server; returns the context, its duplicate caches and its readings' uploads."""
     # aiocoap reads this per message from the class: gatewayd is the process's only CoAP server.
     TransportTuning.EMPTY_ACK_DELAY = cfg.empty_ack_delay_s
-    ctx = await aiocoap.Context.create_server_context(
-        site(intake, cfg, on_response), bind=(cfg.bind, cfg.port), transports=["udp6"]
-    )
+    root = site(intake, cfg, on_response)
+    ctx = await aiocoap.Context.create_server_context(root, bind=(cfg.bind, cfg.port), transports=["udp6"])
     caches = []
     for ri in ctx.request_interfaces:
         if isinstance(ri, TokenManager) and isinstance(ri.token_interface, MessageManager):
@@ -252,4 +264,4 @@ async def serve(
             coapguard.harden_udp(ri.token_interface.message_interface, shedder)
     if not caches:
         raise RuntimeError("aiocoap's UDP message manager not found: cannot bound duplicate memory")
-    return ctx, caches
+    return ctx, caches, root._readings.uploads

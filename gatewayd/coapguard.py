@@ -4,8 +4,7 @@ aiocoap 0.4.17 accepts requests with critical options it does not act on (an
 unknown one, or OSCORE without OSCORE) and answers them 2.04; RFC 7252 §5.4.1
 wants 4.02 Bad Option. A string option that is not UTF-8 (e.g. a Uri-Path) makes
 its decoder raise out of the socket callback: no answer, and a full traceback in
-the journal per datagram. A gap in a Block1 upload raises a bare ValueError: 5.00
-and another traceback. Here:
+the journal per datagram. Here:
 
 * :func:`check_options` (run by the root site for every request and every block):
   an unrecognised critical option, or a critical option whose value could not be
@@ -14,7 +13,8 @@ and another traceback. Here:
   aiocoap's decoder raises on is decoded again leniently (an undecodable critical
   option is remembered for :func:`check_options`, an undecodable elective one is
   ignored, as RFC 7252 §5.4.1 says), and nothing escapes into asyncio's handler.
-* :class:`Block1Spool` answers a gap or overlap in a Block1 upload 4.08.
+
+Block1 reassembly (4.08 for a gap, bounded memory) is in :mod:`gatewayd.uploads`.
 """
 
 from __future__ import annotations
@@ -23,14 +23,13 @@ import socket
 from typing import Any, Protocol
 
 import aiocoap
-from aiocoap import blockwise
 from aiocoap.error import UnparsableMessage
 from aiocoap.message import Direction
 from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.numbers.types import Type
 from aiocoap.transports.udp6 import UDP6EndpointAddress
 
-from gatewayd.errors import BadOption, Incomplete, NotAProxy
+from gatewayd.errors import BadOption, NotAProxy
 
 #: Critical (odd) options that gatewayd or aiocoap act on. Uri-Host and Uri-Port name this
 #: server whatever their value; Uri-Path-Abbrev is resolved by aiocoap's Site; Accept is
@@ -78,29 +77,6 @@ def check_options(request: aiocoap.Message) -> None:
             if number in PROXY_OPTIONS:
                 raise NotAProxy("gatewayd is not a proxy")
             raise BadOption(f"critical option {option_name(number)} not supported")
-
-
-class Block1Spool(blockwise.Block1Spool):  # type: ignore[misc]
-    """aiocoap's Block1 reassembly, with 4.08 (not 5.00) for a block that leaves a gap or overlaps."""
-
-    def feed_and_take(self, req: aiocoap.Message) -> aiocoap.Message:
-        try:
-            taken: aiocoap.Message = super().feed_and_take(req)
-        except ValueError:  # Message._append_request_block: the block does not start where the body ends
-            block1 = req.opt.block1
-            raise Incomplete(
-                f"block {block1.block_number} (byte {block1.start}) does not continue the upload; "
-                "start again at block 0"
-            ) from None
-        except blockwise.IncompleteException:  # a block > 0 with no upload in progress: 4.08 already
-            block1 = req.opt.block1
-            raise Incomplete(f"block {block1.block_number}: no upload in progress; start at 0") from None
-        return taken
-
-
-def harden_resource(res: Any) -> None:
-    """Give an aiocoap Resource the 4.08-answering Block1 spool (its base class made the plain one)."""
-    res._block1 = Block1Spool()
 
 
 def _extended(value: int, data: bytes) -> tuple[int, bytes]:

@@ -1,7 +1,13 @@
-"""Decode CoAP bodies (CBOR maps, SenML-CBOR packs) into reading drafts.
+"""Decode CoAP bodies (CBOR maps, SenML-CBOR packs, JPEG/PNG frames) into reading drafts.
 
 A draft is what a node said, before the store gives it an id. Bad input raises
 :class:`~gatewayd.errors.BadPayload`, which becomes 4.00 with a diagnostic.
+
+A camera frame is a reading too: a bare JPEG (Content-Format 22) or PNG (23)
+body becomes the fields ``image`` (the bytes) and ``format`` ("jpeg"/"png"); a
+CBOR map may carry the same ``image`` byte string next to its own metadata
+fields. Either way the bytes are checked to be a whole JPEG or PNG (signature
+and end marker: a truncated upload is 4.00 here, not a puzzle for a plugin).
 """
 
 from __future__ import annotations
@@ -17,9 +23,12 @@ import cbor2
 from gatewayd.errors import BadPayload, UnsupportedFormat
 from gatewayd.plugin_api import FieldValue
 
+CF_JPEG = 22
+CF_PNG = 23
 CF_CBOR = 60
 CF_SENML_CBOR = 112
-SUPPORTED_FORMATS = (CF_CBOR, CF_SENML_CBOR)
+SUPPORTED_FORMATS = (CF_CBOR, CF_SENML_CBOR, CF_JPEG, CF_PNG)
+_IMAGE_FORMATS = {CF_JPEG: "jpeg", CF_PNG: "png"}
 
 # RFC 8428 §6 integer labels used by SenML-CBOR.
 _BN, _BT, _BU, _BV, _BS, _BVER = -2, -3, -4, -5, -6, -1
@@ -30,6 +39,11 @@ _RELATIVE_TIME_LIMIT = 2**28
 
 #: The CBOR map key a node may use for its own measurement time (Unix seconds).
 TIME_KEY = "t"
+#: The field holding a camera frame (JPEG or PNG bytes), and the one naming its format.
+IMAGE_KEY = "image"
+FORMAT_KEY = "format"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk's type and CRC: the last 8 bytes of every PNG
 MAX_FIELDS = 256
 MAX_NAME_LEN = 128
 
@@ -47,9 +61,15 @@ def decode(content_format: int | None, body: bytes, now: float | None = None) ->
     """Decode a POST body into one or more drafts, or raise a typed request error."""
     if content_format not in SUPPORTED_FORMATS:
         raise UnsupportedFormat(
-            f"content-format {content_format} not accepted; use 60 (cbor) or 112 (senml+cbor)"
+            f"content-format {content_format} not accepted; "
+            "use 60 (cbor), 112 (senml+cbor), 22 (image/jpeg) or 23 (image/png)"
         )
     now = time.time() if now is None else now
+    if content_format in _IMAGE_FORMATS:
+        fmt = _IMAGE_FORMATS[content_format]
+        if image_format(body) != fmt:
+            raise BadPayload(f"body is not a complete {fmt.upper()} image{_why_not_image(body)}")
+        return [Draft(ts=now, fields={IMAGE_KEY: body, FORMAT_KEY: fmt})]
     try:
         doc = cbor2.loads(body)
     except (cbor2.CBORDecodeError, ValueError, OverflowError, RecursionError) as e:
@@ -79,8 +99,37 @@ def _decode_maps(doc: Any, now: float) -> list[Draft]:
         if not fields:
             raise BadPayload(f"{where}a reading needs at least one field")
         _check_count(len(fields), where)
+        if IMAGE_KEY in fields:
+            _check_image_field(fields, where)
         drafts.append(Draft(ts=ts, fields=fields))
     return drafts
+
+
+def image_format(data: bytes) -> str | None:
+    """``"jpeg"`` or ``"png"`` when ``data`` starts and ends like a whole image of that kind, else None."""
+    if data.startswith(b"\xff\xd8\xff") and data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        return "jpeg"  # some cameras pad a frame with zeros after its EOI marker
+    if data.startswith(_PNG_SIGNATURE) and data.endswith(_PNG_END):
+        return "png"
+    return None
+
+
+def _why_not_image(data: bytes) -> str:
+    if data.startswith(b"\xff\xd8\xff") or data.startswith(_PNG_SIGNATURE):
+        return ": it ends before its end marker (truncated)"
+    return f": it starts with {data[:8].hex() or 'nothing'}"
+
+
+def _check_image_field(fields: dict[str, FieldValue], where: str) -> None:
+    image = fields[IMAGE_KEY]
+    if not isinstance(image, bytes):
+        raise BadPayload(f"{where}field '{IMAGE_KEY}' must be a byte string (JPEG or PNG)")
+    fmt = image_format(image)
+    if fmt is None:
+        raise BadPayload(f"{where}field '{IMAGE_KEY}' is not a complete JPEG or PNG{_why_not_image(image)}")
+    declared = fields.setdefault(FORMAT_KEY, fmt)
+    if declared != fmt:
+        raise BadPayload(f"{where}field '{FORMAT_KEY}' says {declared!r:.20} but the image is {fmt}")
 
 
 def _decode_senml(doc: Any, now: float) -> list[Draft]:

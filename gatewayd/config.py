@@ -26,6 +26,11 @@ class CoapConfig(_Strict):
     port: Annotated[int, Field(ge=0, le=65535)] = 5683
     #: Largest request body accepted, whole or block-wise (4.13 with Size1 above it).
     max_body_bytes: Annotated[int, Field(ge=64, le=16 * 1024 * 1024)] = 8192
+    #: Block-wise uploads open at once (each holds up to max_body_bytes); a new one beyond: 5.03.
+    max_uploads: Annotated[int, Field(ge=1, le=10_000)] = 16
+    #: An upload with no block for this long is dropped and its memory freed (the node gets 4.08
+    #: if it goes on). RFC 7959 leaves it to the server; a node retransmits a block for up to 93 s.
+    upload_timeout_s: Annotated[float, Field(gt=0, le=600)] = 60.0
     #: Cap on remembered (remote, message-id) pairs for duplicate detection; see README.
     dedup_max_entries: Annotated[int, Field(ge=100)] = 20_000
     #: How long a pair is remembered (RFC 7252 EXCHANGE_LIFETIME).

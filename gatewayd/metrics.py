@@ -289,6 +289,21 @@ class GatewayCollector(Collector):
             "Duplicate-cache entries dropped before their lifetime because the cache was full",
             value=sum(c.evicted_early for c in caches),
         )
+        uploads = self.m.app.uploads
+        if uploads is not None:
+            yield GaugeMetricFamily(
+                "gatewayd_coap_uploads_open", "Block-wise uploads in progress", value=len(uploads)
+            )
+            yield GaugeMetricFamily(
+                "gatewayd_coap_upload_bytes",
+                "Bytes held by block-wise uploads in progress",
+                value=uploads.buffered_bytes(),
+            )
+            yield CounterMetricFamily(
+                "gatewayd_coap_uploads_expired",
+                "Block-wise uploads dropped because no block came for upload_timeout_s",
+                value=uploads.expired,
+            )
 
     def _plugins(self) -> Iterator[Metric]:
         per = ["plugin"]

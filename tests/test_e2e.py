@@ -187,7 +187,7 @@ async def test_well_known_core_lists_readings_resource(
         req = aiocoap.Message(code=aiocoap.GET, uri=f"coap://127.0.0.1:{cfg.coap.port}/.well-known/core")
         resp = await coap_client.request(req).response
     assert resp.code == codes.CONTENT and resp.opt.content_format == 40
-    assert b"</s>" in resp.payload and b'ct="60 112"' in resp.payload
+    assert b"</s>" in resp.payload and b'ct="60 112 22 23"' in resp.payload
 
 
 async def test_idle_gateway_does_not_spin(
