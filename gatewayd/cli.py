@@ -1,4 +1,4 @@
-"""Command line: ``gatewayd run``, ``check-config``, ``plugins list`` and ``demo``."""
+"""Command line: ``gatewayd run``, ``check-config``, ``plugins list``, ``models quantize`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -27,6 +27,33 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--config", "-c", type=Path, help="take target and options from this config")
     status = sub.add_parser("status", help="the running daemon's state and each plugin's")
     status.add_argument("--config", "-c", type=Path, required=True)
+    models = sub.add_parser("models", help="offline tools for plugin models (the 'models' extra)")
+    models_sub = models.add_subparsers(dest="action", required=True)
+    q = models_sub.add_parser(
+        "quantize",
+        help="INT8-quantize an ONNX model; report size, latency and output agreement vs FP32",
+        description="Sets are a .npz (one array per input name, first axis = samples) or a directory "
+        "of one .npy/.npz file per sample; see gatewayd.quantize. Exit status 1: agreement below "
+        "--min-agreement (the model is still written, marked as not passing); 2: bad arguments or sets.",
+    )
+    q.add_argument("model", type=Path, help="the FP32 .onnx model")
+    q.add_argument("--output", "-o", type=Path, help="default: MODEL with suffix .int8.onnx")
+    q.add_argument("--method", choices=["static", "dynamic"], default="static")
+    q.add_argument("--format", choices=["qoperator", "qdq"], default="qoperator", help="static only")
+    q.add_argument("--per-channel", action="store_true")
+    q.add_argument("--activations", choices=["uint8", "int8"], default="uint8", help="static only")
+    q.add_argument("--reduce-range", action="store_true", help="7-bit weights, for x86 without VNNI")
+    q.add_argument("--op-types", help="quantize only these operator types, comma-separated (e.g. Conv)")
+    q.add_argument("--exclude", action="append", default=[], metavar="NODE", help="keep this node in float")
+    q.add_argument("--calibration", type=Path, help="calibration set (static)")
+    q.add_argument("--eval", type=Path, help="evaluation set; default: the calibration set")
+    q.add_argument("--metric", choices=["close", "argmax", "iou"], default="close")
+    q.add_argument("--atol", type=float, default=1e-2, help="close: |got-ref| <= atol + rtol*|ref|")
+    q.add_argument("--rtol", type=float, default=1e-2)
+    q.add_argument("--threshold", type=float, default=0.3, help="iou: output > threshold is the mask")
+    q.add_argument("--min-iou", type=float, default=0.9)
+    q.add_argument("--min-agreement", type=float, default=0.99, help="fraction of samples that must agree")
+    q.add_argument("--threads", type=int, default=1, help="intra-op threads, the same for FP32 and INT8")
     demo = sub.add_parser(
         "demo", help="run a simulated node against a built-in config and print MQTT traffic"
     )
@@ -50,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         return _check_plugin(args.name, args.config)
     if args.cmd == "status":
         return _status(args.config)
+    if args.cmd == "models":
+        return _quantize(args)
     from gatewayd import demo as demo_mod
 
     return asyncio.run(demo_mod.run(args.count, args.interval))
@@ -100,6 +129,57 @@ def _check_plugin(name: str, config_path: Path | None) -> int:
         return 0
 
     return asyncio.run(go())
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    """Quantize, print the report; 1 when the outputs agree too rarely, 2 when the inputs are wrong."""
+    from gatewayd import quantize as qz
+
+    me = "gatewayd models quantize"
+    if (args.method == "static") != (args.calibration is not None):
+        print(f"{me}: --method static needs --calibration; dynamic takes none", file=sys.stderr)
+        return 2
+    if args.eval is None and args.calibration is None:
+        print(f"{me}: --eval is required", file=sys.stderr)
+        return 2
+    metrics: dict[str, qz.Metric] = {
+        "close": qz.Close(args.atol, args.rtol),
+        "argmax": qz.SameArgmax(),
+        "iou": qz.MaskIoU(args.threshold, args.min_iou),
+    }
+    try:
+        names = qz.model_inputs(args.model)
+        report = qz.quantize(
+            args.model,
+            args.output or args.model.with_suffix(".int8.onnx"),
+            evaluation=qz.load_set(args.eval or args.calibration, names),
+            method=args.method,
+            calibration=qz.load_set(args.calibration, names) if args.calibration else None,
+            quant_format=args.format,
+            per_channel=args.per_channel,
+            activations=args.activations,
+            reduce_range=args.reduce_range,
+            op_types=args.op_types.split(",") if args.op_types else None,
+            exclude=args.exclude,
+            metric=metrics[args.metric],
+            min_agreement=args.min_agreement,
+            threads=args.threads,
+        )
+    except ModuleNotFoundError as e:
+        print(f"{me}: needs the 'models' extra, pip install 'gatewayd[models]' ({e})", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as e:  # SetError is a ValueError
+        print(f"{me}: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(report.lines()))
+    if not report.passed:
+        print(
+            f"{me}: FAIL: only {report.agreement:.1%} of samples agree (--min-agreement "
+            f"{report.min_agreement:.1%}); {report.output} was written but is marked as not passing",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def _status(config_path: Path) -> int:
