@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Shared set-up for examples/demo.sh and tests/run.sh: Debian packages when missing, then a virtualenv
-# in .venv with gatewayd and the reference plugin installed. Sourced, not run.
+# in .venv with gatewayd and the reference plugins installed. Sourced, not run.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${GATEWAYD_VENV:-$ROOT/.venv}"
@@ -28,7 +28,8 @@ fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
 pip_log="$(mktemp)"
 if ! "$VENV/bin/python" -m pip install --disable-pip-version-check \
-    -e "$ROOT${GATEWAYD_EXTRAS:-}" -e "$ROOT/plugins/anomaly" -e "$ROOT/examples/plugin-template" \
+    -e "$ROOT${GATEWAYD_EXTRAS:-}" -e "$ROOT/plugins/anomaly" -e "$ROOT/plugins/meter_ocr" \
+    -e "$ROOT/examples/plugin-template" \
     >"$pip_log" 2>&1; then
   cat "$pip_log"; rm -f "$pip_log"; exit 1
 fi

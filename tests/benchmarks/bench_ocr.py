@@ -1,0 +1,198 @@
+#!/usr/bin/env python3
+"""Meter OCR benchmark: the shipped pipeline (INT8 detector) vs all-FP32, and the gateway end to end
+vs the same pipeline called directly.
+
+    .venv/bin/python tests/benchmarks/bench_ocr.py [--frames 200] [--e2e-frames 60] [--threads 1]
+
+1. Accuracy and latency: the evaluation set (``gatewayd_meter_ocr.frames.dataset("eval", N)``), each
+   frame read by both pipelines in one run, alternating which goes first; the reader is told the
+   meter's digits and decimals, as a deployed camera's config does. Exact match = the value string
+   equals the rendered one (leading zeros, decimals); "wrong" = a confident answer that is not it.
+2. Throughput: M frames of one meter format (6 digits, 1 decimal, both styles, JPEG ~20-60 KB).
+   Direct: ``MeterReader.read`` on each, one after another, in this process. Gateway: ``gatewayd
+   run`` (its own process) with the ``meter_ocr`` plugin (one worker, the same threads); 4 camera
+   clients POST the frames block-wise (aiocoap, Content-Format 22), the clock runs from the first
+   POST to the last result on MQTT. Both must give the same values.
+
+Both parts use the same intra-op thread count (``--threads``). Not a pytest test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import aiocoap
+import aiomqtt
+from aiocoap.numbers import codes
+from gatewayd_meter_ocr.frames import STYLES, Frame, dataset, render
+from gatewayd_meter_ocr.plugin import MeterOcrPlugin
+from gatewayd_meter_ocr.reader import MeterReader
+
+from gatewayd.testing import Mosquitto, free_port
+
+
+@dataclass
+class Tally:
+    correct: int = 0
+    uncertain: int = 0
+    wrong: int = 0
+    ms: list[float] = field(default_factory=list)
+
+    def add(self, got: str | None, truth: str, ms: float) -> None:
+        self.ms.append(ms)
+        if got == truth:
+            self.correct += 1
+        elif got is None:
+            self.uncertain += 1
+        else:
+            self.wrong += 1
+
+
+def pipeline(variant: str, threads: int) -> MeterReader:
+    plugin = MeterOcrPlugin({"detector": variant})
+    return MeterReader(replace(plugin.reader_options, threads=threads))
+
+
+def accuracy(frames: list[Frame], threads: int) -> dict[str, Tally]:
+    readers = {v: pipeline(v, threads) for v in ("fp32", "int8")}
+    for r in readers.values():
+        r.read(frames[0].image)  # warm-up
+    tallies = {v: Tally() for v in readers}
+    for i, fr in enumerate(frames):
+        opts = replace(readers["fp32"].options, digits=fr.digits, decimals=fr.decimals)
+        order = list(readers) if i % 2 == 0 else list(reversed(readers))
+        for v in order:
+            t0 = time.perf_counter()
+            out = readers[v].read(fr.image, opts)
+            tallies[v].add(out.value, fr.value, (time.perf_counter() - t0) * 1e3)
+    return tallies
+
+
+def one_format(n: int) -> list[Frame]:
+    rng = random.Random(4242)
+    return [
+        render(f"{rng.randrange(10**5):05d}.{rng.randrange(10)}", STYLES[i % len(STYLES)], seed=900_000 + i)
+        for i in range(n)
+    ]
+
+
+def direct(frames: list[Frame], threads: int) -> tuple[float, list[str | None]]:
+    reader = MeterReader(replace(MeterOcrPlugin(PLUGIN_OPTIONS).reader_options, threads=threads))
+    reader.read(frames[0].image)
+    t0 = time.perf_counter()
+    values = [reader.read(fr.image).value for fr in frames]
+    return len(frames) / (time.perf_counter() - t0), values
+
+
+PLUGIN_OPTIONS = {"digits": 6, "decimals": 1}
+
+
+async def gateway(frames: list[Frame], threads: int, wd: Path) -> tuple[float, list[str | None], int]:
+    port = free_port(__import__("socket").SOCK_DGRAM)
+    with Mosquitto() as broker:
+        conf = wd / "gw.toml"
+        conf.write_text(
+            f'[coap]\nbind = "127.0.0.1"\nport = {port}\nmax_body_bytes = 262144\n'
+            f'[store]\npath = "{wd / "store.db"}"\n[mqtt]\nport = {broker.port}\n'
+            '[limits]\nrate_per_s = 0\n[metrics]\nenabled = false\n[log]\nlevel = "warning"\n'
+            '[[plugins]]\nname = "meter"\nplugin = "meter_ocr"\n'
+            f"threads = {threads}\nmax_batch = 4\nmax_wait_ms = 5\nqueue_size = 1000\ndeadline_s = 60\n"
+            f"[plugins.options]\ndigits = 6\ndecimals = 1\n"
+        )
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        cmd = [sys.executable, "-m", "gatewayd.cli", "run", "--config", str(conf)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env)
+        results: dict[str, dict[str, object]] = {}
+        ready = asyncio.Event()
+        try:
+            async with aiomqtt.Client("127.0.0.1", broker.port) as mqtt:
+                await mqtt.subscribe("gatewayd/gw1/#", qos=1)
+
+                async def listen() -> None:
+                    async for m in mqtt.messages:
+                        topic = str(m.topic)
+                        doc = json.loads(m.payload) if isinstance(m.payload, bytes | str) else {}
+                        if topic.endswith("status/plugins/meter") and doc.get("state") == "ready":
+                            ready.set()
+                        elif "/results/meter/" in topic:
+                            results[str(doc["node"])] = doc
+
+                listener = asyncio.create_task(listen())
+                await asyncio.wait_for(ready.wait(), 120)
+                ctxs = [await aiocoap.Context.create_client_context(transports=["udp6"]) for _ in range(4)]
+
+                async def camera(k: int) -> None:
+                    for i in range(k, len(frames), len(ctxs)):
+                        uri = f"coap://127.0.0.1:{port}/s/cam-{i}"
+                        msg = aiocoap.Message(code=aiocoap.POST, uri=uri, payload=frames[i].image)
+                        msg.opt.content_format = 22
+                        resp = await asyncio.wait_for(ctxs[k].request(msg).response, 60)
+                        assert resp.code == codes.CHANGED, resp
+
+                t0 = time.perf_counter()
+                await asyncio.gather(*(camera(k) for k in range(len(ctxs))))
+                deadline = time.monotonic() + 600
+                while len(results) < len(frames) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+                elapsed = time.perf_counter() - t0
+                listener.cancel()
+                for c in ctxs:
+                    await c.shutdown()
+        finally:
+            proc.terminate()
+            code = await asyncio.to_thread(proc.wait, 60)
+    values = [results.get(f"cam-{i}", {}).get("text") if results.get(f"cam-{i}", {}).get("value") is not None
+              else None for i in range(len(frames))]
+    return len(results) / elapsed, values, code
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--frames", type=int, default=200)
+    p.add_argument("--e2e-frames", type=int, default=60)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    print(f"# bench_ocr: {args.frames} eval frames, {args.e2e_frames} e2e frames, threads={args.threads}, "
+          f"{os.cpu_count()} CPUs")
+
+    if args.frames:
+        frames = dataset("eval", args.frames)
+        tallies = accuracy(frames, args.threads)
+        print(f"{'pipeline':<22} {'exact':>7} {'uncertain':>9} {'wrong':>5} {'p50 ms':>7} {'mean ms':>8}")
+        for v, t in tallies.items():
+            name = "all-FP32" if v == "fp32" else "shipped (INT8 det)"
+            print(f"{name:<22} {t.correct / len(frames):7.1%} {t.uncertain:9d} {t.wrong:5d} "
+                  f"{statistics.median(t.ms):7.1f} {statistics.fmean(t.ms):8.1f}")
+        f, q = tallies["fp32"], tallies["int8"]
+        print(f"latency INT8-det / FP32: p50 {statistics.median(q.ms) / statistics.median(f.ms):.2f}, "
+              f"mean {statistics.fmean(q.ms) / statistics.fmean(f.ms):.2f}")
+
+    if args.e2e_frames:
+        frames = one_format(args.e2e_frames)
+        sizes = [len(fr.image) for fr in frames]
+        print(f"e2e frames: {len(frames)}, JPEG {min(sizes) // 1024}-{max(sizes) // 1024} KB")
+        d_rate, d_values = direct(frames, args.threads)
+        with tempfile.TemporaryDirectory(prefix="bench-ocr-") as wd:
+            g_rate, g_values, code = asyncio.run(gateway(frames, args.threads, Path(wd)))
+        same = sum(a == b for a, b in zip(d_values, g_values, strict=True))
+        correct = sum(v == fr.value for v, fr in zip(g_values, frames, strict=True))
+        print(f"direct MeterReader.read   {d_rate:6.2f} frames/s")
+        print(f"gateway CoAP->MQTT        {g_rate:6.2f} frames/s   (exit {code}; {same}/{len(frames)} same "
+              f"values as direct, {correct} exact)")
+        print(f"gateway / direct: {g_rate / d_rate:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
