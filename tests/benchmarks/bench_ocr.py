@@ -8,7 +8,7 @@ vs the same pipeline called directly.
    frame read by both pipelines in one run, alternating which goes first; the reader is told the
    meter's digits and decimals, as a deployed camera's config does. Exact match = the value string
    equals the rendered one (leading zeros, decimals); "wrong" = a confident answer that is not it.
-2. Throughput: M frames of one meter format (6 digits, 1 decimal, both styles, JPEG ~20-60 KB).
+2. Throughput: M frames of one meter format (6 digits, 1 decimal, the three styles, JPEG 8-101 KB).
    Direct: ``MeterReader.read`` on each, one after another, in this process. Gateway: ``gatewayd
    run`` (its own process) with the ``meter_ocr`` plugin (one worker, the same threads); 4 camera
    clients POST the frames block-wise (aiocoap, Content-Format 22), the clock runs from the first
@@ -82,7 +82,7 @@ def accuracy(frames: list[Frame], threads: int) -> dict[str, Tally]:
 def one_format(n: int) -> list[Frame]:
     rng = random.Random(4242)
     return [
-        render(f"{rng.randrange(10**5):05d}.{rng.randrange(10)}", STYLES[i % len(STYLES)], seed=900_000 + i)
+        render(f"{rng.randrange(10**5):05d}.{rng.randrange(10)}", STYLES[i % 3], seed=900_000 + i, fmt="jpeg")
         for i in range(n)
     ]
 
@@ -117,7 +117,8 @@ async def gateway(frames: list[Frame], threads: int, wd: Path) -> tuple[float, l
         ready = asyncio.Event()
         try:
             async with aiomqtt.Client("127.0.0.1", broker.port) as mqtt:
-                await mqtt.subscribe("gatewayd/gw1/#", qos=1)
+                await mqtt.subscribe("gatewayd/gw1/status/plugins/#", qos=1)
+                await mqtt.subscribe("gatewayd/gw1/results/#", qos=1)
 
                 async def listen() -> None:
                     async for m in mqtt.messages:
