@@ -42,6 +42,7 @@ TIME_KEY = "t"
 #: The field holding a camera frame (JPEG or PNG bytes), and the one naming its format.
 IMAGE_KEY = "image"
 FORMAT_KEY = "format"
+_JPEG_START, _JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"  # SOI + the next marker's 0xFF, and EOI
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk's type and CRC: the last 8 bytes of every PNG
 MAX_FIELDS = 256
@@ -107,7 +108,7 @@ def _decode_maps(doc: Any, now: float) -> list[Draft]:
 
 def image_format(data: bytes) -> str | None:
     """``"jpeg"`` or ``"png"`` when ``data`` starts and ends like a whole image of that kind, else None."""
-    if data.startswith(b"\xff\xd8\xff") and data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+    if data.startswith(_JPEG_START) and data.rstrip(b"\x00").endswith(_JPEG_END):
         return "jpeg"  # some cameras pad a frame with zeros after its EOI marker
     if data.startswith(_PNG_SIGNATURE) and data.endswith(_PNG_END):
         return "png"
@@ -115,7 +116,7 @@ def image_format(data: bytes) -> str | None:
 
 
 def _why_not_image(data: bytes) -> str:
-    if data.startswith(b"\xff\xd8\xff") or data.startswith(_PNG_SIGNATURE):
+    if data.startswith((_JPEG_START, _PNG_SIGNATURE)):
         return ": it ends before its end marker (truncated)"
     return f": it starts with {data[:8].hex() or 'nothing'}"
 

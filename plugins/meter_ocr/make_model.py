@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
+from gatewayd_meter_ocr.evaluation import compare
 from gatewayd_meter_ocr.frames import dataset
 from gatewayd_meter_ocr.plugin import INT8_DETECTOR
 from gatewayd_meter_ocr.reader import DEFAULT_DET_MODEL, MeterReader, ReaderOptions, packaged_model
@@ -71,18 +71,13 @@ def main() -> int:
     print("\n".join(report.lines()))
 
     int8 = MeterReader(ReaderOptions(det_model=str(out), threads=args.threads))
-    tally = {"fp32": [0, 0, 0], "int8": [0, 0, 0]}  # correct, uncertain, wrong
-    new_wrong = 0
-    for fr in frames:
-        opts = replace(fp32.options, digits=fr.digits, decimals=fr.decimals)
-        got = {name: r.read(fr.image, opts).value for name, r in (("fp32", fp32), ("int8", int8))}
-        for name, value in got.items():
-            tally[name][0 if value == fr.value else 1 if value is None else 2] += 1
-        if got["int8"] not in (None, fr.value) and got["fp32"] != got["int8"]:
-            new_wrong += 1
-    for name, (ok, unsure, wrong) in tally.items():
-        print(f"pipeline {name:<5} exact {ok / len(frames):6.1%}  uncertain {unsure}  wrong {wrong}")
-    drop = (tally["fp32"][0] - tally["int8"][0]) / len(frames) * 100
+    seen = compare(frames, {"fp32": fp32, "int8": int8})
+    for name, (t, _) in seen.items():
+        print(t.line(f"pipeline {name}"))
+    (f, f_values), (q, q_values) = seen["fp32"], seen["int8"]
+    pairs = zip(frames, f_values, q_values, strict=True)
+    new_wrong = sum(got not in (None, fr.value) and got != ref for fr, ref, got in pairs)
+    drop = (f.correct - q.correct) / len(frames) * 100
     if drop > args.max_drop + 1e-9 or new_wrong:
         out.unlink()
         print(f"FAIL: INT8 loses {drop:.1f} points (max {args.max_drop}), {new_wrong} new wrong; removed")

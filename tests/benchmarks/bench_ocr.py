@@ -24,17 +24,19 @@ import asyncio
 import json
 import os
 import random
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import aiocoap
 import aiomqtt
 from aiocoap.numbers import codes
+from gatewayd_meter_ocr.evaluation import compare
 from gatewayd_meter_ocr.frames import STYLES, Frame, dataset, render
 from gatewayd_meter_ocr.plugin import MeterOcrPlugin
 from gatewayd_meter_ocr.reader import MeterReader
@@ -42,64 +44,31 @@ from gatewayd_meter_ocr.reader import MeterReader
 from gatewayd.testing import Mosquitto, free_port
 
 
-@dataclass
-class Tally:
-    correct: int = 0
-    uncertain: int = 0
-    wrong: int = 0
-    ms: list[float] = field(default_factory=list)
-
-    def add(self, got: str | None, truth: str, ms: float) -> None:
-        self.ms.append(ms)
-        if got == truth:
-            self.correct += 1
-        elif got is None:
-            self.uncertain += 1
-        else:
-            self.wrong += 1
-
-
-def pipeline(variant: str, threads: int) -> MeterReader:
-    plugin = MeterOcrPlugin({"detector": variant})
-    return MeterReader(replace(plugin.reader_options, threads=threads))
-
-
-def accuracy(frames: list[Frame], threads: int) -> dict[str, Tally]:
-    readers = {v: pipeline(v, threads) for v in ("fp32", "int8")}
-    for r in readers.values():
-        r.read(frames[0].image)  # warm-up
-    tallies = {v: Tally() for v in readers}
-    for i, fr in enumerate(frames):
-        opts = replace(readers["fp32"].options, digits=fr.digits, decimals=fr.decimals)
-        order = list(readers) if i % 2 == 0 else list(reversed(readers))
-        for v in order:
-            t0 = time.perf_counter()
-            out = readers[v].read(fr.image, opts)
-            tallies[v].add(out.value, fr.value, (time.perf_counter() - t0) * 1e3)
-    return tallies
+def pipeline(options: dict[str, object], threads: int) -> MeterReader:
+    """The reader the plugin builds from ``options``, with ``threads`` intra-op threads."""
+    return MeterReader(replace(MeterOcrPlugin(options).reader_options, threads=threads))
 
 
 def one_format(n: int) -> list[Frame]:
     rng = random.Random(4242)
-    return [
-        render(f"{rng.randrange(10**5):05d}.{rng.randrange(10)}", STYLES[i % 3], seed=900_000 + i, fmt="jpeg")
-        for i in range(n)
-    ]
+    values = [f"{rng.randrange(10**5):05d}.{rng.randrange(10)}" for _ in range(n)]
+    return [render(v, STYLES[i % len(STYLES)], seed=900_000 + i, fmt="jpeg") for i, v in enumerate(values)]
+
+
+#: One meter format for the throughput part: the plugin is configured for it, the frames show it.
+PLUGIN_OPTIONS: dict[str, object] = {"digits": 6, "decimals": 1}
 
 
 def direct(frames: list[Frame], threads: int) -> tuple[float, list[str | None]]:
-    reader = MeterReader(replace(MeterOcrPlugin(PLUGIN_OPTIONS).reader_options, threads=threads))
+    reader = pipeline(PLUGIN_OPTIONS, threads)
     reader.read(frames[0].image)
     t0 = time.perf_counter()
     values = [reader.read(fr.image).value for fr in frames]
     return len(frames) / (time.perf_counter() - t0), values
 
 
-PLUGIN_OPTIONS = {"digits": 6, "decimals": 1}
-
-
 async def gateway(frames: list[Frame], threads: int, wd: Path) -> tuple[float, list[str | None], int]:
-    port = free_port(__import__("socket").SOCK_DGRAM)
+    port = free_port(socket.SOCK_DGRAM)
     with Mosquitto() as broker:
         conf = wd / "gw.toml"
         conf.write_text(
@@ -108,7 +77,7 @@ async def gateway(frames: list[Frame], threads: int, wd: Path) -> tuple[float, l
             '[limits]\nrate_per_s = 0\n[metrics]\nenabled = false\n[log]\nlevel = "warning"\n'
             '[[plugins]]\nname = "meter"\nplugin = "meter_ocr"\n'
             f"threads = {threads}\nmax_batch = 4\nmax_wait_ms = 5\nqueue_size = 1000\ndeadline_s = 60\n"
-            f"[plugins.options]\ndigits = 6\ndecimals = 1\n"
+            "[plugins.options]\n" + "".join(f"{k} = {v}\n" for k, v in PLUGIN_OPTIONS.items())
         )
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         cmd = [sys.executable, "-m", "gatewayd.cli", "run", "--config", str(conf)]
@@ -153,8 +122,9 @@ async def gateway(frames: list[Frame], threads: int, wd: Path) -> tuple[float, l
         finally:
             proc.terminate()
             code = await asyncio.to_thread(proc.wait, 60)
-    values = [results.get(f"cam-{i}", {}).get("text") if results.get(f"cam-{i}", {}).get("value") is not None
-              else None for i in range(len(frames))]
+    # A reading is its "text" when it has a value (when uncertain, "text" is what was seen).
+    got = [results.get(f"cam-{i}", {}) for i in range(len(frames))]
+    values = [str(r["text"]) if r.get("value") is not None else None for r in got]
     return len(results) / elapsed, values, code
 
 
@@ -164,20 +134,26 @@ def main() -> int:
     p.add_argument("--e2e-frames", type=int, default=60)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
-    print(f"# bench_ocr: {args.frames} eval frames, {args.e2e_frames} e2e frames, threads={args.threads}, "
-          f"{os.cpu_count()} CPUs")
+    print(
+        f"# bench_ocr: {args.frames} eval frames, {args.e2e_frames} e2e frames, threads={args.threads}, "
+        f"{os.cpu_count()} CPUs"
+    )
 
     if args.frames:
         frames = dataset("eval", args.frames)
-        tallies = accuracy(frames, args.threads)
+        seen = compare(frames, {v: pipeline({"detector": v}, args.threads) for v in ("fp32", "int8")})
+        (f, _), (q, _) = seen["fp32"], seen["int8"]
         print(f"{'pipeline':<22} {'exact':>7} {'uncertain':>9} {'wrong':>5} {'p50 ms':>7} {'mean ms':>8}")
-        for v, t in tallies.items():
-            name = "all-FP32" if v == "fp32" else "shipped (INT8 det)"
-            print(f"{name:<22} {t.correct / len(frames):7.1%} {t.uncertain:9d} {t.wrong:5d} "
-                  f"{statistics.median(t.ms):7.1f} {statistics.fmean(t.ms):8.1f}")
-        f, q = tallies["fp32"], tallies["int8"]
-        print(f"latency INT8-det / FP32: p50 {statistics.median(q.ms) / statistics.median(f.ms):.2f}, "
-              f"mean {statistics.fmean(q.ms) / statistics.fmean(f.ms):.2f}")
+        for name, t in (("all-FP32", f), ("shipped (INT8 det)", q)):
+            print(
+                f"{name:<22} {t.correct / len(frames):7.1%} {t.uncertain:9d} {t.wrong:5d} "
+                f"{statistics.median(t.latencies_ms):7.1f} {statistics.fmean(t.latencies_ms):8.1f}"
+            )
+        print(
+            f"latency INT8-det / FP32: "
+            f"p50 {statistics.median(q.latencies_ms) / statistics.median(f.latencies_ms):.2f}, "
+            f"mean {statistics.fmean(q.latencies_ms) / statistics.fmean(f.latencies_ms):.2f}"
+        )
 
     if args.e2e_frames:
         frames = one_format(args.e2e_frames)
@@ -189,8 +165,10 @@ def main() -> int:
         same = sum(a == b for a, b in zip(d_values, g_values, strict=True))
         correct = sum(v == fr.value for v, fr in zip(g_values, frames, strict=True))
         print(f"direct MeterReader.read   {d_rate:6.2f} frames/s")
-        print(f"gateway CoAP->MQTT        {g_rate:6.2f} frames/s   (exit {code}; {same}/{len(frames)} same "
-              f"values as direct, {correct} exact)")
+        print(
+            f"gateway CoAP->MQTT        {g_rate:6.2f} frames/s   (exit {code}; {same}/{len(frames)} same "
+            f"values as direct, {correct} exact)"
+        )
         print(f"gateway / direct: {g_rate / d_rate:.2f}")
     return 0
 

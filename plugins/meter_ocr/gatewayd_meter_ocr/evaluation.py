@@ -17,7 +17,7 @@ import argparse
 import dataclasses
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +36,17 @@ class Tally:
     uncertain: int = 0
     wrong: int = 0
     latencies_ms: list[float] = field(default_factory=list)
+
+    def add(self, got: str | None, truth: str, ms: float) -> None:
+        """Count one read: correct, uncertain (no value) or wrong (a confident other value)."""
+        self.n += 1
+        self.latencies_ms.append(ms)
+        if got == truth:
+            self.correct += 1
+        elif got is None:
+            self.uncertain += 1
+        else:
+            self.wrong += 1
 
     def line(self, name: str) -> str:
         lat = np.asarray(self.latencies_ms) if self.latencies_ms else np.zeros(1)
@@ -87,15 +98,7 @@ def evaluate(
             for stage in STAGES:
                 stages[mode][stage] += out.timings.get(stage, 0.0) / len(frames)
             for key in (fr.style, "all"):
-                t = tallies[mode].setdefault(key, Tally())
-                t.n += 1
-                t.latencies_ms.append(ms)
-                if out.value == fr.value:
-                    t.correct += 1
-                elif out.value is None:
-                    t.uncertain += 1
-                else:
-                    t.wrong += 1
+                tallies[mode].setdefault(key, Tally()).add(out.value, fr.value, ms)
             # Open-mode misses are expected (a missed point cannot be noticed): listed only if verbose.
             wrong = out.value is not None and out.value != fr.value
             if (wrong and (mode == "configured" or verbose)) or (verbose and out.value is None):
@@ -105,6 +108,27 @@ def evaluate(
                     f"read={out.value} reason={out.reason} conf={out.confidence:.2f} text={out.text!r}"
                 )
     return Report(tallies, failures, stages)
+
+
+Seen = tuple[Tally, list[str | None]]  # a reader's tally, and the value it gave for each frame
+
+
+def compare(frames: Sequence[Frame], readers: Mapping[str, MeterReader]) -> dict[str, Seen]:
+    """Each frame read by every reader in one run (digits and decimals configured, as deployed),
+    alternating which goes first; per reader its tally and the value it gave for each frame."""
+    for r in readers.values():
+        r.read(frames[0].image)  # warm-up
+    out: dict[str, Seen] = {name: (Tally(), []) for name in readers}
+    names = list(readers)
+    for i, fr in enumerate(frames):
+        for name in names if i % 2 == 0 else reversed(names):
+            reader = readers[name]
+            opts = dataclasses.replace(reader.options, digits=fr.digits, decimals=fr.decimals)
+            t0 = time.perf_counter()
+            value = reader.read(fr.image, opts).value
+            out[name][0].add(value, fr.value, (time.perf_counter() - t0) * 1e3)
+            out[name][1].append(value)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

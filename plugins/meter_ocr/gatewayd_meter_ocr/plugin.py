@@ -94,10 +94,10 @@ class MeterOcrPlugin(Plugin):
 
     def load(self) -> None:
         """Open both models with ``self.threads`` intra-op threads each."""
-        for path in (self.reader_options.det_model, self.reader_options.rec_model):
-            if path is not None and not Path(path).is_file():
-                raise PluginNotReady(f"meter_ocr plugin: model file not found: {path}")
-        self._reader = MeterReader(replace(self.reader_options, threads=self.threads))
+        try:
+            self._reader = MeterReader(replace(self.reader_options, threads=self.threads))
+        except FileNotFoundError as e:  # a model not there (yet): retried with backoff
+            raise PluginNotReady(f"meter_ocr plugin: {e}") from None
 
     def sample(self) -> Sequence[Reading]:
         """One rendered meter frame (the evaluation set's renderer) for the warm-up."""
