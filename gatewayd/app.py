@@ -14,8 +14,10 @@ import aiocoap
 import structlog
 
 from gatewayd import coap, registry, systemd
+from gatewayd.access import Access
 from gatewayd.batching import PluginQueue
 from gatewayd.config import Config
+from gatewayd.credentials import CredentialsError
 from gatewayd.intake import Intake
 from gatewayd.metrics import Metrics
 from gatewayd.mqtt import Publisher
@@ -47,6 +49,8 @@ class App:
         self.dedup: list[coap.DedupCache] = []
         self.coap_ctx: aiocoap.Context | None = None
         self.uploads: Block1Spool | None = None
+        #: The access policy and the nodes' OSCORE contexts (locked while gatewayd runs).
+        self.access: Access | None = None
         #: The Prometheus endpoint, when [metrics] enabled.
         self.metrics: Metrics | None = None
         #: Set once the CoAP server answers (tests and the demo wait on it).
@@ -65,6 +69,8 @@ class App:
         try:
             return await self._run()
         finally:
+            if self.access is not None:
+                self.access.close()  # persists the sequence numbers if _run did not get to it
             if self.metrics is not None:
                 await self.metrics.stop()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -73,6 +79,17 @@ class App:
 
     async def _run(self) -> int:
         cfg = self.cfg
+        try:
+            access = self.access = Access.from_config(cfg.security)
+        except CredentialsError as e:  # e.g. a context another process holds, or one changed since check
+            log.error("oscore_credentials_unusable", error=str(e))
+            return 2
+        if not access.oscore and cfg.security.unauthenticated == "refuse":
+            log.warning(
+                "every_post_refused",
+                why='[security] unauthenticated = "refuse" and no node has an OSCORE context '
+                "(oscore_credentials): every POST /s/{node} gets 4.01",
+            )
         systemd.notify("STATUS=opening store")
         store = self.store = await Store.open(
             cfg.store.path,
@@ -126,7 +143,7 @@ class App:
             overload_retry_after_s=cfg.coap.overload_retry_after_s,
         )
         self.coap_ctx, self.dedup, self.uploads = await coap.serve(
-            self.intake, cfg.coap, metrics.count_response if metrics else None
+            self.intake, cfg.coap, metrics.count_response if metrics else None, access
         )
         tasks = {
             asyncio.create_task(publisher.run(), name="mqtt"),
@@ -137,6 +154,8 @@ class App:
             "serving",
             coap=f"[{cfg.coap.bind}]:{cfg.coap.port}",
             plugins=[r.cfg.name for r in self.runners],
+            oscore_nodes=sorted(set(access.nodes.values())),
+            unauthenticated=cfg.security.unauthenticated,
             store=str(cfg.store.path),
             readings=store.readings_count,
             outbox=store.outbox_count,
@@ -177,6 +196,8 @@ class App:
         await asyncio.gather(*tasks, *others, return_exceptions=True)
         self._write_status()
         await self.store.close()
+        if self.access is not None:  # last: a request still in flight may need its context to answer
+            self.access.close()  # sequence numbers and replay windows to disk, locks released
         log.info("stopped", seconds=round(time.monotonic() - t0, 3), outbox_left=self.store.outbox_count)
 
     def _publish_state(self, runner: PluginRunner) -> None:

@@ -1,4 +1,5 @@
-"""Command line: ``gatewayd run``, ``check-config``, ``plugins list``, ``models quantize`` and ``demo``."""
+"""Command line: ``gatewayd run``, ``check-config``, ``plugins list|check``, ``status``, ``demo``,
+``nodes provision`` and ``models quantize|convert|bundle|verify``."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ import asyncio
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gatewayd import __version__, config, registry
+
+if TYPE_CHECKING:
+    from gatewayd import bundle as bundle_mod
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +59,34 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--min-iou", type=float, default=0.9)
     q.add_argument("--min-agreement", type=float, default=0.99, help="fraction of samples that must agree")
     q.add_argument("--threads", type=int, default=1, help="intra-op threads, the same for FP32 and INT8")
+    conv = models_sub.add_parser(
+        "convert",
+        help="convert a GLM checkpoint to an onnxruntime-genai model bundle (with manifest.json)",
+    )
+    conv.add_argument("checkpoint", type=Path, help="a Hugging Face checkpoint folder (config.json, weights)")
+    conv.add_argument("out", type=Path, help="the bundle folder to write")
+    conv.add_argument("--precision", choices=["fp32", "int8", "int4"], required=True)
+    conv.add_argument("--name", help="bundle name; default: the OUT folder's name")
+    conv.add_argument("--version", default="1.0.0", help="bundle version, dotted numbers (default 1.0.0)")
+    bun = models_sub.add_parser(
+        "bundle", help="write manifest.json for a model folder: every file's size and SHA-256"
+    )
+    bun.add_argument("folder", type=Path)
+    bun.add_argument("--name", required=True)
+    bun.add_argument("--version", required=True, help="dotted numbers, e.g. 1.0.0")
+    bun.add_argument("--kind", required=True, help="e.g. onnxruntime-genai, onnx")
+    bun.add_argument("--quantization", required=True, help="e.g. fp32, int8, int4")
+    bun.add_argument("--input-schema", type=Path, help="a JSON schema of the reading fields the model takes")
+    ver = models_sub.add_parser(
+        "verify",
+        help="check a bundle against its manifest.json",
+        description="Exit status 1: a file is missing, changed, truncated, added, or the manifest is "
+        "invalid; 2: FOLDER is not a directory.",
+    )
+    ver.add_argument("folder", type=Path)
+    from gatewayd import credentials
+
+    credentials.add_cli(sub)
     demo = sub.add_parser(
         "demo", help="run a simulated node against a built-in config and print MQTT traffic"
     )
@@ -75,8 +108,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "plugins":
         return _check_plugin(args.name, args.config)
+    if args.cmd == "nodes":
+        return credentials.cli(args)
     if args.cmd == "status":
         return _status(args.config)
+    if args.cmd == "models" and args.action == "bundle":
+        return _bundle(args)
+    if args.cmd == "models" and args.action == "verify":
+        return _verify(args.folder)
+    if args.cmd == "models" and args.action == "convert":
+        return _convert(args)
     if args.cmd == "models":
         return _quantize(args)
     from gatewayd import demo as demo_mod
@@ -180,6 +221,91 @@ def _quantize(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _bundle(args: argparse.Namespace) -> int:
+    """Write the manifest and print what it lists; 2 for a bad folder, schema file or field value."""
+    import json
+
+    from gatewayd import bundle
+
+    me = "gatewayd models bundle"
+    schema = None
+    if args.input_schema is not None:
+        try:
+            schema = json.loads(args.input_schema.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            print(f"{me}: --input-schema {args.input_schema}: {e}", file=sys.stderr)
+            return 2
+        if not isinstance(schema, dict):
+            print(f"{me}: --input-schema {args.input_schema}: not a JSON object", file=sys.stderr)
+            return 2
+    try:
+        m = bundle.write_manifest(
+            args.folder,
+            name=args.name,
+            version=args.version,
+            kind=args.kind,
+            quantization=args.quantization,
+            input_schema=schema,
+        )
+    except (bundle.BundleError, OSError) as e:
+        print(f"{me}: {e}", file=sys.stderr)
+        return 2
+    _print_bundle(args.folder, m)
+    return 0
+
+
+def _verify(folder: Path) -> int:
+    """1 when the bundle does not match its manifest, 2 when FOLDER is not a directory."""
+    from gatewayd import bundle
+
+    me = "gatewayd models verify"
+    if not folder.is_dir():
+        print(f"{me}: {folder}: not a directory", file=sys.stderr)
+        return 2
+    try:
+        m = bundle.verify_bundle(folder)
+    except bundle.BundleError as e:
+        print(f"{me}: {e}", file=sys.stderr)
+        return 1
+    print(f"ok {m.name} {m.version} {m.quantization}, {len(m.files)} files, {m.total_size / 1e6:.1f} MB")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    """Convert, then bundle the output; 2 for bad input or a missing 'models' extra."""
+    from gatewayd import bundle
+
+    me = "gatewayd models convert"
+    try:
+        from gatewayd import convert as conv  # pulls in torch/transformers only now
+
+        out = conv.convert(args.checkpoint, args.out, args.precision)
+        m = bundle.write_manifest(
+            out,
+            name=args.name or out.name,
+            version=args.version,
+            kind="onnxruntime-genai",
+            quantization=args.precision,
+        )
+    except ModuleNotFoundError as e:
+        print(f"{me}: needs the 'models' extra, pip install 'gatewayd[models]' ({e})", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as e:  # BundleError is a ValueError
+        print(f"{me}: {e}", file=sys.stderr)
+        return 2
+    _print_bundle(out, m)
+    return 0
+
+
+def _print_bundle(folder: Path, m: bundle_mod.Manifest) -> None:
+    from gatewayd.bundle import MANIFEST_NAME
+
+    print(f"wrote {folder / MANIFEST_NAME}: {m.name} {m.version} ({m.kind}, {m.quantization})")
+    for rel, f in m.files.items():
+        print(f"  {f.size:>14,}  {f.sha256[:12]}  {rel}")
+    print(f"{len(m.files)} files, {m.total_size / 1e6:.1f} MB")
 
 
 def _status(config_path: Path) -> int:

@@ -27,9 +27,10 @@ from aiocoap.tokenmanager import TokenManager
 from aiocoap.util.linkformat import Link, LinkFormat
 
 from gatewayd import coapguard
+from gatewayd.access import Access, OscoreFront, log_refusal
 from gatewayd.codec import SUPPORTED_FORMATS
 from gatewayd.config import CoapConfig
-from gatewayd.errors import TooLarge, Unavailable
+from gatewayd.errors import RequestError, TooLarge, Unavailable
 from gatewayd.intake import Intake
 from gatewayd.uploads import Block1Spool
 
@@ -107,9 +108,17 @@ class DedupCache:
 class ReadingsResource(resource.Resource, resource.PathCapable):
     """``POST /s/{node}``: store the body's readings, answer 2.04 once they are durable."""
 
-    def __init__(self, intake: Intake, cfg: CoapConfig, on_response: OnResponse | None = None) -> None:
+    def __init__(
+        self,
+        intake: Intake,
+        cfg: CoapConfig,
+        on_response: OnResponse | None = None,
+        access: Access | None = None,
+    ) -> None:
         super().__init__()  # aiocoap's block-wise state lives in the base class
         self.intake = intake
+        #: Who may post as which node; None: anyone (tests of the CoAP front alone).
+        self.access = access
         self.max_body = cfg.max_body_bytes
         self.on_response = on_response or _not_counted
         self.uploads = self._block1 = upload_spool(cfg)
@@ -124,7 +133,15 @@ class ReadingsResource(resource.Resource, resource.PathCapable):
         return e
 
     async def needs_blockwise_assembly(self, request: aiocoap.Message) -> bool:
-        # Called per block: refuse during the transfer, before the whole body is buffered.
+        # Called per request and per block: refuse during the transfer, before the whole body is buffered.
+        if self.access is not None:
+            path = request.opt.uri_path[len(READINGS_PATH) :]
+            if len(path) == 1:  # anything else is 4.04 in render_post
+                try:
+                    self.access.check(request, path[0])
+                except RequestError as e:
+                    log_refusal(e, path[0], request.remote)
+                    raise self._refused(e) from None
         block1 = request.opt.block1
         if block1 is not None:
             size = block1.start + len(request.payload)
@@ -173,13 +190,24 @@ class _Root(resource.Site):
         self._readings = readings
         self._cfg = cfg
         self._counted = readings._refused  # refusals here are counted like the resource's own
+        access = readings.access
+        #: Unprotects OSCORE requests into this site; None when no node has an OSCORE context.
+        self._oscore = None
+        if access is not None and access.oscore:
+            self._oscore = OscoreFront(access, self._render_plain, self._counted)
 
     def add_resource(self, path: Any, res: Any) -> None:
         res._block1 = upload_spool(self._cfg)  # a Block1 upload elsewhere is bounded and 4.08 there too
         super().add_resource(path, res)
 
     async def render_to_pipe(self, pipe: Any) -> None:
-        # Every request and every Block1 block passes here: refuse unknown critical options first.
+        if self._oscore is not None and pipe.request.opt.oscore is not None:
+            await self._oscore.render_to_pipe(pipe)  # the inner request comes back to _render_plain
+        else:
+            await self._render_plain(pipe)
+
+    async def _render_plain(self, pipe: Any) -> None:
+        # Every (inner) request and every Block1 block passes here: refuse unknown critical options first.
         try:
             coapguard.check_options(pipe.request)
             await super().render_to_pipe(pipe)
@@ -199,8 +227,10 @@ def upload_spool(cfg: CoapConfig) -> Block1Spool:
     return Block1Spool(cfg.upload_timeout_s, cfg.max_uploads, cfg.overload_retry_after_s)
 
 
-def site(intake: Intake, cfg: CoapConfig, on_response: OnResponse | None = None) -> _Root:
-    root = _Root(ReadingsResource(intake, cfg, on_response), cfg)
+def site(
+    intake: Intake, cfg: CoapConfig, on_response: OnResponse | None = None, access: Access | None = None
+) -> _Root:
+    root = _Root(ReadingsResource(intake, cfg, on_response, access), cfg)
     links = LinkFormat(
         [
             Link(
@@ -247,12 +277,12 @@ class _Shedder:
 
 
 async def serve(
-    intake: Intake, cfg: CoapConfig, on_response: OnResponse | None = None
+    intake: Intake, cfg: CoapConfig, on_response: OnResponse | None = None, access: Access | None = None
 ) -> tuple[aiocoap.Context, list[DedupCache], Block1Spool]:
     """Start the UDP CoAP server; returns the context, its duplicate caches and its readings' uploads."""
     # aiocoap reads this per message from the class: gatewayd is the process's only CoAP server.
     TransportTuning.EMPTY_ACK_DELAY = cfg.empty_ack_delay_s
-    root = site(intake, cfg, on_response)
+    root = site(intake, cfg, on_response, access)
     ctx = await aiocoap.Context.create_server_context(root, bind=(cfg.bind, cfg.port), transports=["udp6"])
     caches = []
     for ri in ctx.request_interfaces:

@@ -34,7 +34,9 @@ from gatewayd.errors import BadOption, NotAProxy
 #: Critical (odd) options that gatewayd or aiocoap act on. Uri-Host and Uri-Port name this
 #: server whatever their value; Uri-Path-Abbrev is resolved by aiocoap's Site; Accept is
 #: honoured by /.well-known/core. Everything else odd, including If-Match / If-None-Match
-#: (no conditional requests here), OSCORE and EDHOC (not enabled) and Q-Block, is 4.02.
+#: (no conditional requests here), EDHOC (not enabled) and Q-Block, is 4.02; so is OSCORE unless
+#: nodes have OSCORE contexts, in which case the root site unprotects the request first
+#: (gatewayd.access) and the inner request comes here.
 RECOGNISED_CRITICAL = frozenset(
     int(n)
     for n in (

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import ssl
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 _NAME = r"^[A-Za-z0-9_.-]{1,64}$"
 
@@ -75,8 +87,115 @@ class MetricsConfig(_Strict):
     port: Annotated[int, Field(ge=0, le=65535)] = 9464
 
 
+#: A systemd credential name (LoadCredential=NAME:...): a plain file name in $CREDENTIALS_DIRECTORY,
+#: not "." or "..".
+_CREDENTIAL = r"^[A-Za-z0-9_.@:-]*[A-Za-z0-9_@:-][A-Za-z0-9_.@:-]*$"
+_NO_SECRETS_IN_TOML = (
+    "secrets are not read from the config file: put the password in a file readable only by gatewayd "
+    "and set password_file, or use password_credential with systemd's LoadCredential="
+)
+
+
+def credential_path(name: str) -> Path:
+    """Where systemd put the credential ``name`` (LoadCredential=/SetCredential=) for this service."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        raise ValueError(
+            f"credential {name!r} needs $CREDENTIALS_DIRECTORY, which is not set: run gatewayd under "
+            f"systemd with LoadCredential={name}:/path/to/file (systemd-run -p LoadCredential=... for "
+            "check-config), or set CREDENTIALS_DIRECTORY to a directory that holds the file"
+        )
+    return Path(directory) / name
+
+
+def _read_secret(path: Path) -> str:
+    """The secret in ``path``: its text without the trailing newline an editor adds."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+    if not text:
+        raise ValueError(f"{path} is empty")
+    if len(text.encode()) > 65535:  # MQTT's limit for the password field
+        raise ValueError(f"{path} holds more than 65535 bytes")
+    return text
+
+
+class MqttTlsConfig(_Strict):
+    """TLS to the broker; the server's certificate chain and name are always verified."""
+
+    #: False keeps the table but connects in clear (e.g. while testing a config).
+    enabled: bool = True
+    #: CA certificate(s) (PEM) the broker's certificate must chain to; default: the system's CAs.
+    ca_file: Path | None = None
+    #: Client certificate (PEM, may include intermediates), for brokers that require one.
+    cert_file: Path | None = None
+    #: The client certificate's private key (PEM, unencrypted); or key_credential.
+    key_file: Path | None = None
+    #: The private key as a systemd credential (LoadCredential=NAME:/etc/gatewayd/client.key).
+    key_credential: Annotated[str | None, Field(pattern=_CREDENTIAL, max_length=255)] = None
+    #: The name the broker's certificate must carry, when it is not ``host`` (e.g. host is an IP).
+    server_hostname: Annotated[str | None, Field(min_length=1)] = None
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_loads(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(v))
+            except (OSError, ssl.SSLError) as e:
+                raise ValueError(f"cannot load CA certificates from {v}: {e}") from None
+        return v
+
+    @field_validator("cert_file")
+    @classmethod
+    def _cert_readable(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            try:
+                v.read_bytes()
+            except OSError as e:
+                raise ValueError(f"cannot read {v}: {e.strerror or e}") from None
+        return v
+
+    @field_validator("key_file", "key_credential")
+    @classmethod
+    def _key_matches(cls, v: Path | str | None, info: ValidationInfo) -> Path | str | None:
+        if v is None:
+            return v
+        if "cert_file" not in info.data:
+            return v  # cert_file's own error says what is wrong
+        cert = info.data["cert_file"]
+        if cert is None:
+            raise ValueError("a client key needs cert_file")
+        key = credential_path(v) if isinstance(v, str) else v
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(str(cert), str(key))
+        except (OSError, ssl.SSLError) as e:
+            raise ValueError(f"cannot load the client certificate {cert} with the key {key}: {e}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _cert_needs_key(self) -> MqttTlsConfig:
+        if self.key_file is not None and self.key_credential is not None:
+            raise ValueError("set key_file or key_credential, not both")
+        if self.cert_file is not None and self.key_file is None and self.key_credential is None:
+            raise ValueError("cert_file needs key_file or key_credential")
+        return self
+
+    def key_path(self) -> Path | None:
+        """The client key's file: key_file, or the credential's file."""
+        if self.key_credential is not None:
+            return credential_path(self.key_credential)
+        return self.key_file
+
+
 class MqttConfig(_Strict):
     host: str = "127.0.0.1"
+    #: Default 1883, or 8883 when [mqtt.tls] is on.
     port: Annotated[int, Field(ge=1, le=65535)] = 1883
     prefix: Annotated[str, Field(min_length=1)] = "gatewayd"
     client_id: str | None = None
@@ -88,6 +207,67 @@ class MqttConfig(_Strict):
     backoff_max_s: Annotated[float, Field(gt=0)] = 30.0
     #: On shutdown, how long to keep publishing the outbox before leaving the rest for the next start.
     drain_timeout_s: Annotated[float, Field(ge=0)] = 5.0
+    #: Sent with the password (MQTT CONNECT); a broker may also take a username alone.
+    username: Annotated[str | None, Field(min_length=1)] = None
+    #: A file holding the password (its first line's end is stripped), read at load.
+    password_file: Path | None = None
+    #: The password as a systemd credential: $CREDENTIALS_DIRECTORY/NAME (LoadCredential=NAME:/path).
+    password_credential: Annotated[str | None, Field(pattern=_CREDENTIAL, max_length=255)] = None
+    #: Never accepted (see _NO_SECRETS_IN_TOML); declared so the error names it and says what to do.
+    password: Annotated[Any, Field(exclude=True, repr=False)] = None
+    tls: MqttTlsConfig | None = None
+
+    _password: SecretStr | None = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tls_port(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "port" not in data:
+            tls = data.get("tls")
+            if isinstance(tls, dict) and tls.get("enabled", True) is True:
+                data = {**data, "port": 8883}
+        return data
+
+    @field_validator("password")
+    @classmethod
+    def _no_password(cls, v: Any) -> Any:
+        raise ValueError(_NO_SECRETS_IN_TOML)
+
+    @field_validator("password_file")
+    @classmethod
+    def _password_file_readable(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            _read_secret(v)
+        return v
+
+    @field_validator("password_credential")
+    @classmethod
+    def _password_credential_readable(cls, v: str | None) -> str | None:
+        if v is not None:
+            _read_secret(credential_path(v))
+        return v
+
+    @model_validator(mode="after")
+    def _load_password(self) -> MqttConfig:
+        if self.password_file is not None and self.password_credential is not None:
+            raise ValueError("set password_file or password_credential, not both")
+        source = self.password_file or (
+            credential_path(self.password_credential) if self.password_credential else None
+        )
+        if source is not None:
+            if self.username is None:
+                raise ValueError("password_file / password_credential needs username")
+            # Read once here, so check-config catches what run would fail on; kept out of repr and logs.
+            self._password = SecretStr(_read_secret(source))
+        return self
+
+    def secret_password(self) -> str | None:
+        """The password read from password_file or password_credential (never logged)."""
+        return self._password.get_secret_value() if self._password is not None else None
+
+    @property
+    def tls_on(self) -> bool:
+        return self.tls is not None and self.tls.enabled
 
     @field_validator("prefix")
     @classmethod
@@ -174,6 +354,54 @@ class LogConfig(_Strict):
     format: Literal["json", "console"] = "json"
 
 
+class SecurityConfig(_Strict):
+    """Who may post readings: per-node OSCORE identities, and what unprotected posts get (README,
+    "Node identity (OSCORE)"). The default refuses every unprotected post."""
+
+    #: A POST without OSCORE: "refuse" (4.01); "allow-listed": only nodes in allow_nodes from networks in
+    #: allow_from; "allow": any node (from allow_from if set), for closed test networks.
+    unauthenticated: Literal["refuse", "allow-listed", "allow"] = "refuse"
+    #: Node ids (shell-style wildcards: "meter-*") that may post unprotected under "allow-listed".
+    allow_nodes: list[Annotated[str, Field(min_length=1)]] = []
+    #: Source networks unprotected posts are taken from ("10.0.0.0/8", "fd00::/8"); needed by "allow-listed".
+    allow_from: list[str] = []
+    #: Credentials label -> node id, for labels that are not ":" + the node id.
+    identities: dict[str, Annotated[str, Field(pattern=_NAME)]] = {}
+    #: aiocoap credentials map (JSON) naming one OSCORE context directory per node; the directories
+    #: must be writable (sequence numbers). `gatewayd nodes provision` writes both.
+    oscore_credentials: Path | None = None
+
+    @field_validator("allow_from")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        for net in v:
+            try:
+                ipaddress.ip_network(net)
+            except ValueError as e:
+                raise ValueError(f"{net!r}: {e}") from None
+        return v
+
+    @field_validator("oscore_credentials")
+    @classmethod
+    def _usable_credentials(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        if v is not None:
+            from gatewayd import credentials  # imports the intake's node-id rule; only when used
+
+            try:
+                credentials.read(v, info.data.get("identities"))
+            except credentials.CredentialsError as e:
+                raise ValueError(str(e)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _complete(self) -> SecurityConfig:
+        if self.unauthenticated == "allow-listed" and not (self.allow_nodes and self.allow_from):
+            raise ValueError('unauthenticated = "allow-listed" needs both allow_nodes and allow_from')
+        if self.identities and self.oscore_credentials is None:
+            raise ValueError("identities map labels of oscore_credentials, which is not set")
+        return self
+
+
 class Config(_Strict):
     gateway: GatewayConfig = GatewayConfig()
     coap: CoapConfig = CoapConfig()
@@ -183,6 +411,7 @@ class Config(_Strict):
     runtime: RuntimeConfig = RuntimeConfig()
     limits: NodeLimitConfig = NodeLimitConfig()
     metrics: MetricsConfig = MetricsConfig()
+    security: SecurityConfig = SecurityConfig()
     plugins: list[PluginConfig] = []
 
     @model_validator(mode="after")

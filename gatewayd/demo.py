@@ -1,4 +1,5 @@
-"""The demo: gatewayd on a built-in config, a simulated pump node, and the MQTT traffic printed."""
+"""The demo: gatewayd on a built-in config, a simulated pump node posting through OSCORE, and the MQTT
+traffic printed. The node is provisioned as `gatewayd nodes provision pump-1 --dir DIR` would."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import json
 import tempfile
 from pathlib import Path
 
+import aiocoap
 import aiomqtt
+import cbor2
 
-from gatewayd import registry, simulator
+from gatewayd import credentials, registry, simulator
 from gatewayd.app import App
 from gatewayd.config import (
     CoapConfig,
@@ -19,13 +22,15 @@ from gatewayd.config import (
     LogConfig,
     MqttConfig,
     PluginConfig,
+    SecurityConfig,
     StoreConfig,
 )
 from gatewayd.testing import Mosquitto, free_port, port_open
 
 
-def default_config(store_dir: Path, mqtt_port: int, coap_port: int) -> Config:
-    """The built-in demo config: loopback only, a throw-away store, the anomaly plugin if installed."""
+def default_config(store_dir: Path, mqtt_port: int, coap_port: int, oscore: Path | None = None) -> Config:
+    """The built-in demo config: loopback only, a throw-away store, the anomaly plugin if installed,
+    unprotected posts refused, the nodes in the ``oscore`` credentials map authenticated."""
     plugins = []
     if any(d.name == "anomaly" for d in registry.discovered()):
         plugins.append(PluginConfig(name="anomaly", plugin="anomaly", max_wait_ms=50))
@@ -35,6 +40,7 @@ def default_config(store_dir: Path, mqtt_port: int, coap_port: int) -> Config:
         store=StoreConfig(path=store_dir / "gatewayd.db"),
         mqtt=MqttConfig(host="127.0.0.1", port=mqtt_port),
         log=LogConfig(level="warning", format="console"),
+        security=SecurityConfig(unauthenticated="refuse", oscore_credentials=oscore),
         plugins=plugins,
     )
 
@@ -62,7 +68,12 @@ async def run(count: int = 20, interval_s: float = 0.5) -> int:
             print(f"demo: no broker on 127.0.0.1:1883, started mosquitto on 127.0.0.1:{mqtt_port}")
         store_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gatewayd-demo-")))
         coap_port = 5683 if _udp_free(5683) else free_port(2)
-        cfg = default_config(store_dir, mqtt_port, coap_port)
+        node = credentials.provision("pump-1", store_dir / "oscore")
+        print(
+            f"demo: provisioned node pump-1 (OSCORE, RFC 8613), as `gatewayd nodes provision pump-1 --dir "
+            f"{store_dir / 'oscore'}` does: gateway side {node.gateway_map}, node side {node.node_dir}"
+        )
+        cfg = default_config(store_dir, mqtt_port, coap_port, node.gateway_map)
         log.setup(cfg.log.level, cfg.log.format)
         names = [p.name for p in cfg.plugins] or "none"
         print(f"demo: gatewayd on coap://127.0.0.1:{coap_port}, plugins: {names}")
@@ -73,8 +84,18 @@ async def run(count: int = 20, interval_s: float = 0.5) -> int:
             _print_messages(mqtt_port, f"{cfg.mqtt.prefix}/{cfg.gateway.id}", subscribed)
         )
         await asyncio.wait_for(asyncio.gather(app.serving.wait(), subscribed.wait()), 60)
-        codes = await simulator.run("127.0.0.1", coap_port, "pump-1", count, interval_s, False, 5)
-        print(f"demo: node pump-1 posted {len(codes)} readings, answers: {sorted(set(codes))}")
+        print(f"demo: an unprotected POST as pump-1 is answered {await _post_unprotected(coap_port)}")
+        codes = await simulator.run(
+            "127.0.0.1",
+            coap_port,
+            "pump-1",
+            count,
+            interval_s,
+            False,
+            5,
+            credentials=node.node_dir / "credentials.json",
+        )
+        print(f"demo: node pump-1 posted {len(codes)} readings through OSCORE, answers: {sorted(set(codes))}")
         await asyncio.sleep(1.5)  # let the last results arrive
         app.request_stop("demo end")
         rc = await app_task
@@ -83,6 +104,18 @@ async def run(count: int = 20, interval_s: float = 0.5) -> int:
         with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
             await printer
         return rc
+
+
+async def _post_unprotected(port: int) -> str:
+    ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
+    try:
+        req = aiocoap.Message(
+            code=aiocoap.POST, uri=f"coap://127.0.0.1:{port}/s/pump-1", payload=cbor2.dumps({})
+        )
+        resp = await asyncio.wait_for(ctx.request(req).response, 30)
+        return f"{resp.code} {resp.payload.decode(errors='replace')!r}"
+    finally:
+        await ctx.shutdown()
 
 
 def _udp_free(port: int) -> bool:

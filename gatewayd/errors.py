@@ -96,3 +96,36 @@ class TooManyRequests(RetryLater):
 
     code = numbers.codes.TOO_MANY_REQUESTS
     reason = "rate_limited"
+
+
+class Unauthenticated(RequestError):
+    """A POST without OSCORE where the config wants one (4.01); see ``[security] unauthenticated``."""
+
+    code = numbers.codes.UNAUTHORIZED
+    reason = "unauthenticated"
+
+
+class WrongNode(RequestError):
+    """An OSCORE-authenticated node posting under another node's id (4.03)."""
+
+    code = numbers.codes.FORBIDDEN
+    reason = "wrong_node"
+
+
+class OscoreRefused(RequestError):
+    """A protected request that failed OSCORE verification: unknown context, replay, bad COSE or tag.
+
+    ``reason`` names which for logs and metrics; the answer is unprotected (RFC 8613 §8.2).
+    """
+
+    def __init__(self, code: numbers.Code, diagnostic: str, reason: str, max_age: int | None = None) -> None:
+        super().__init__(diagnostic)
+        self.code = code
+        self.reason = reason
+        self.max_age = max_age
+
+    def to_message(self) -> Message:
+        msg = super().to_message()
+        if self.max_age is not None:
+            msg.opt.max_age = self.max_age
+        return msg

@@ -14,13 +14,15 @@ import base64
 import contextlib
 import json
 import random
+import ssl
 import time
 from typing import Any
 
 import aiomqtt
 import structlog
+from paho.mqtt.reasoncodes import ReasonCode
 
-from gatewayd.config import MqttConfig
+from gatewayd.config import MqttConfig, MqttTlsConfig
 from gatewayd.store import OutboxEntry, Store, StoreError
 from gatewayd.supervisor import backoff_delay
 
@@ -47,6 +49,52 @@ def encode(base: str, e: OutboxEntry) -> tuple[str, bytes]:
     return topic, json.dumps(doc, default=_json_default, separators=(",", ":")).encode()
 
 
+def tls_context(cfg: MqttTlsConfig) -> ssl.SSLContext:
+    """A client context: TLS >= 1.2, the broker's chain checked against ca_file (else the system's CAs)
+    and its name against server_hostname (else the host connected to); a client certificate if set."""
+    ctx = _ServerNameContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname on
+    ctx.server_name_override = cfg.server_hostname
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cfg.ca_file is not None:
+        ctx.load_verify_locations(cafile=str(cfg.ca_file))
+    else:
+        ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    if cfg.cert_file is not None:
+        ctx.load_cert_chain(str(cfg.cert_file), str(cfg.key_path()))
+    return ctx
+
+
+class _ServerNameContext(ssl.SSLContext):
+    """Verifies the broker's certificate against ``server_name_override`` when set.
+
+    paho passes its ``host`` as server_hostname (SNI and the name checked); this is the one place
+    to put another name, e.g. when the broker is reached by IP address.
+    """
+
+    server_name_override: str | None = None
+
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        if self.server_name_override is not None:
+            kwargs["server_hostname"] = self.server_name_override
+        return super().wrap_socket(*args, **kwargs)
+
+
+#: MQTT 5 reason codes (paho gives MQTT 3.1.1's CONNACK codes 4 and 5 as 134 and 135) that mean
+#: "fix the credentials or the broker's ACL": bad user name or password, not authorised, bad auth method.
+_AUTH_CODES = frozenset({134, 135, 140})
+
+
+def _failure(e: Exception) -> tuple[str, str]:
+    """The log event and reason for a lost or refused connection: credentials, TLS, or anything else."""
+    if isinstance(e, aiomqtt.MqttCodeError) and isinstance(e.rc, ReasonCode) and e.rc.value in _AUTH_CODES:
+        return "mqtt_not_authorised", f"{e.rc} (reason code {e.rc.value})"
+    text = str(e)
+    # aiomqtt turns ssl's errors into MqttError(str(exc)): the text is all that is left of them.
+    if "SSL" in text or "certificate" in text.lower():
+        return "mqtt_tls_failed", text
+    return "mqtt_disconnected", text
+
+
 class _Broken(Exception):
     """A publish failed: leave the connection and reconnect."""
 
@@ -67,6 +115,10 @@ class Publisher:
         self._stopping = False
         self._stop_by = 0.0
         self._rng = random.Random()
+        # Built once: the CA, certificate and key are read at start, as the password was at load.
+        self._tls = tls_context(cfg.tls) if cfg.tls is not None and cfg.tls.enabled else None
+        if self._tls is None and cfg.secret_password() is not None:
+            log.warning("mqtt_password_in_clear", host=cfg.host, hint="add [mqtt.tls] to encrypt it")
 
     def wake(self) -> None:
         """New outbox entries exist: stop waiting."""
@@ -91,7 +143,10 @@ class Publisher:
             try:
                 async with self._client() as client:
                     self.connected = True
-                    log.info("mqtt_connected", host=self.cfg.host, port=self.cfg.port, failures=failures)
+                    log.info(
+                        "mqtt_connected", host=self.cfg.host, port=self.cfg.port, tls=self._tls is not None,
+                        username=self.cfg.username, failures=failures,
+                    )  # fmt: skip
                     failures = 0
                     await client.publish(self.status_topic, b"online", qos=1, retain=True)
                     self._live_dirty = set(self._live)
@@ -109,9 +164,17 @@ class Publisher:
                 delay = backoff_delay(failures, self.cfg.backoff_initial_s, self.cfg.backoff_max_s, self._rng)
                 if self._stopping:
                     delay = min(delay, max(0.0, self._stop_by - time.monotonic()))
-                log.warning("mqtt_disconnected", error=str(e), retry_in_s=round(delay, 2))
+                event, reason = _failure(e)
+                # Refused credentials and failed TLS are the operator's to fix: say so at error level.
+                level = log.warning if event == "mqtt_disconnected" else log.error
+                level(event, error=reason, host=self.cfg.host, port=self.cfg.port, retry_in_s=round(delay, 2))
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
+                if self._stopping:
+                    # Already draining: wait out the (capped) backoff; returning at once made a hot
+                    # loop of refused connections until drain_timeout_s (~1,000 attempts in 5 s).
+                    await asyncio.sleep(delay)
+                    continue
+                with contextlib.suppress(TimeoutError):  # a stop cuts the backoff short: one last try
                     await asyncio.wait_for(self._wait_stop(), delay)
 
     async def _wait_stop(self) -> None:
@@ -129,6 +192,9 @@ class Publisher:
             keepalive=self.cfg.keepalive_s,
             timeout=10,
             max_inflight_messages=self.cfg.max_inflight,
+            username=self.cfg.username,
+            password=self.cfg.secret_password(),
+            tls_context=self._tls,
         )
         client.pending_calls_threshold = self.cfg.max_inflight * 2
         return client

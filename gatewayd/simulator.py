@@ -1,7 +1,9 @@
 """A simulated sensor node: a pump that posts temperature, humidity and vibration over CoAP.
 
-``python -m gatewayd.simulator --port 5683 --node pump-1 --count 10``
+``python -m gatewayd.simulator --port 5683 --node pump-1 --count 10 [--credentials FILE]``
 Every ``anomaly_every``-th reading is a fault (high vibration) so the anomaly plugin has something to say.
+With ``--credentials`` (the node's map from ``gatewayd nodes provision``, ``nodes/NODE/credentials.json``)
+it posts through OSCORE.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import math
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import aiocoap
@@ -45,6 +48,31 @@ async def post(ctx: aiocoap.Context, uri: str, payload: bytes, content_format: i
     return await ctx.request(req).response
 
 
+async def client(credentials: Path | None = None) -> aiocoap.Context:
+    """A client context; with a node's credentials map (aiocoap's format), requests to the URIs it
+    names go through OSCORE. Release it with :func:`close`."""
+    if credentials is None:
+        return await aiocoap.Context.create_client_context(transports=["udp6"])
+    from gatewayd.credentials import client_map
+
+    entries = client_map(credentials)  # before the context: a bad file leaves nothing to clean up
+    ctx = await aiocoap.Context.create_client_context(transports=["oscore", "udp6"])
+    try:
+        ctx.client_credentials.load_from_dict(entries)
+    except BaseException:
+        await close(ctx)
+        raise
+    return ctx
+
+
+async def close(ctx: aiocoap.Context) -> None:
+    """Shut the context down and write its OSCORE sequence numbers back (releasing their locks)."""
+    await ctx.shutdown()
+    from gatewayd.access import release
+
+    release(ctx.client_credentials)
+
+
 async def run(
     host: str,
     port: int,
@@ -54,10 +82,11 @@ async def run(
     senml: bool,
     anomaly_every: int,
     seed: int = 1,
+    credentials: Path | None = None,
 ) -> list[str]:
-    """Post ``count`` readings; returns the response codes as text."""
+    """Post ``count`` readings (through OSCORE with ``credentials``); returns the response codes as text."""
     rng = random.Random(seed)
-    ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
+    ctx = await client(credentials)
     codes = []
     try:
         for i in range(count):
@@ -72,7 +101,7 @@ async def run(
             codes.append(str(resp.code))
             await asyncio.sleep(interval_s)
     finally:
-        await ctx.shutdown()
+        await close(ctx)
     return codes
 
 
@@ -85,9 +114,11 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=0.5)
     ap.add_argument("--senml", action="store_true", help="post SenML-CBOR (112) instead of a CBOR map (60)")
     ap.add_argument("--anomaly-every", type=int, default=5)
+    ap.add_argument("--credentials", type=Path, help="the node's OSCORE credentials map (JSON)")
     a = ap.parse_args()
-    for code in asyncio.run(run(a.host, a.port, a.node, a.count, a.interval, a.senml, a.anomaly_every)):
-        print(code)
+    posts = run(a.host, a.port, a.node, a.count, a.interval, a.senml, a.anomaly_every, 1, a.credentials)
+    for code in asyncio.run(posts):
+        print(code, flush=True)
 
 
 if __name__ == "__main__":

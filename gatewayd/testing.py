@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -83,14 +85,24 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
 class Mosquitto:
     """A private Mosquitto broker on a free loopback port; ``stop``/``start`` simulate an outage."""
 
-    def __init__(self, port: int | None = None, *, persistence: bool = False) -> None:
+    def __init__(
+        self, port: int | None = None, *, persistence: bool = False, extra_conf: Sequence[str] = ()
+    ) -> None:
+        """``extra_conf``: more mosquitto.conf lines for the listener (``cafile``, ``require_certificate``,
+        ``password_file``, ``allow_anonymous false``, ...); anonymous clients are allowed unless set."""
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(exe).exists():
             raise RuntimeError("mosquitto is not installed (Debian package 'mosquitto')")
         self.exe = exe
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="gatewayd-mosquitto-"))
-        conf = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", "log_dest stdout"]
+        extra = list(extra_conf)
+        if not any(line.split()[:1] == ["allow_anonymous"] for line in extra):
+            extra.append("allow_anonymous true")
+        # As root, mosquitto would switch to the "mosquitto" user and could neither read files a test
+        # wrote (password file, certificates) nor write its persistence into this 0700 directory.
+        user = pwd.getpwuid(os.getuid()).pw_name
+        conf = [f"listener {self.port} 127.0.0.1", *extra, "log_dest stdout", f"user {user}"]
         if persistence:
             conf += ["persistence true", f"persistence_location {self.dir}/", "autosave_interval 1"]
         self.conf = self.dir / "mosquitto.conf"

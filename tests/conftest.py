@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -56,15 +57,24 @@ class Collected:
 
 
 @contextlib.asynccontextmanager
-async def collect(port: int, topic: str = "gatewayd/#", clean: bool = True) -> AsyncIterator[Collected]:
+async def collect(
+    port: int,
+    topic: str = "gatewayd/#",
+    clean: bool = True,
+    *,
+    tls: ssl.SSLContext | None = None,
+    username: str | None = None,
+    password: str | None = None,
+) -> AsyncIterator[Collected]:
     """Subscribe (QoS 1) before yielding; a persistent session when ``clean`` is False."""
     got = Collected()
     ready = asyncio.Event()
 
     async def reader() -> None:
         client = aiomqtt.Client(
-            "127.0.0.1", port, identifier=f"collector-{os.getpid()}-{id(got)}", clean_session=clean
-        )
+            "127.0.0.1", port, identifier=f"collector-{os.getpid()}-{id(got)}", clean_session=clean,
+            tls_context=tls, username=username, password=password,
+        )  # fmt: skip
         while True:  # rides out broker restarts; the persistent session keeps what was missed
             try:
                 async with client:
@@ -96,6 +106,9 @@ def make_config(tmp_path: Path, mqtt_port: int, **sections: Any) -> Config:
         "log": {"level": "warning", "format": "console"},
         "limits": {"rate_per_s": 0},  # tests of the limit turn it on
         "metrics": {"enabled": False},  # tests of the endpoint turn it on, on a free port
+        # Plain CoAP from any node, as before OSCORE (the built-in default refuses it); tests/test_oscore.py
+        # sets its own policy.
+        "security": {"unauthenticated": "allow"},
     }
     for k, v in sections.items():
         base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v

@@ -2,7 +2,9 @@
 # Install and run the whole test suite (lint, types, tests) on a fresh Debian machine.
 set -euo pipefail
 GATEWAYD_EXTRAS="[test,models]"
-GATEWAYD_APT_EXTRA="libcoap3-bin fonts-dejavu-core fonts-dejavu-extra"  # fonts: the OCR evaluation frames
+# fonts: the OCR evaluation frames; systemd: systemd-analyze (the unit's security score, tests/test_unit.py)
+# and libseccomp2 (tests/unit_sandbox.py), also on machines where systemd is not PID 1.
+GATEWAYD_APT_EXTRA="libcoap3-bin fonts-dejavu-core fonts-dejavu-extra systemd"
 source "$(dirname "${BASH_SOURCE[0]}")/../examples/setup.sh"
 cd "$ROOT"
 "$VENV/bin/ruff" check gatewayd plugins tests examples

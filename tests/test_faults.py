@@ -91,6 +91,8 @@ path = "{tmp_path / "store.db"}"
 port = {broker.port}
 [log]
 level = "info"
+[security]
+unauthenticated = "allow"
 [[plugins]]
 name = "echo"
 plugin = "fake_plugins:Echo"

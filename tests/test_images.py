@@ -210,6 +210,7 @@ async def test_memory_returns_to_baseline_after_many_large_transfers(tmp_path: P
             "dedup_lifetime_s = 1.0\n"  # each block is a CON remembered this long, then freed
             f'[store]\npath = "{tmp_path / "store.db"}"\n[mqtt]\nport = {broker.port}\n'
             '[limits]\nrate_per_s = 0\n[metrics]\nenabled = false\n[log]\nlevel = "warning"\n'
+            '[security]\nunauthenticated = "allow"\n'
         )
         proc = subprocess.Popen(
             [sys.executable, "-m", "gatewayd.cli", "run", "--config", str(conf)],

@@ -32,6 +32,7 @@ def write_config(tmp_path: Path, coap_port: int, mqtt_port: int, store: Path, pl
         f'[store]\npath = "{store}"\n'
         f"[mqtt]\nport = {mqtt_port}\nbackoff_initial_s = 0.1\nbackoff_max_s = 0.5\n"
         '[limits]\nrate_per_s = 0\n[metrics]\nenabled = false\n[log]\nlevel = "warning"\n'
+        '[security]\nunauthenticated = "allow"\n'
     )
     if plugin:
         text += '[[plugins]]\nname = "echo"\nplugin = "fake_plugins:Echo"\nmax_wait_ms = 5\n'

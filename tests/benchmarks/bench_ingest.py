@@ -454,6 +454,7 @@ def gatewayd_server(
         f'[store]\npath = "{workdir / gateway_id}.db"\nsynchronous = "{synchronous}"\n\n'
         f'[mqtt]\nhost = "127.0.0.1"\nport = {broker_port}\nclient_id = "{gateway_id}"\n\n'
         "[limits]\nrate_per_s = 0\n\n[metrics]\nenabled = false\n\n"
+        '[security]\nunauthenticated = "allow"\n\n'  # plain CoAP: no OSCORE here
         '[log]\nlevel = "warning"\nformat = "json"\n'
     )
     return Server(name, [*gatewayd_exe(), "run", "--config", str(cfg)], port, workdir / f"{gateway_id}.log")

@@ -334,6 +334,7 @@ def plugin_gateway(
         f'[mqtt]\nhost = "127.0.0.1"\nport = {broker_port}\nclient_id = "{gw}"\n\n'
         # The token bucket and the metrics endpoint are not what these benchmarks measure.
         "[limits]\nrate_per_s = 0\n\n[metrics]\nenabled = false\n\n"
+        '[security]\nunauthenticated = "allow"\n\n'  # plain CoAP: no OSCORE here
         '[log]\nlevel = "warning"\nformat = "json"\n\n'
         f'[[plugins]]\nname = "{PLUGIN}"\nplugin = "{PLUGIN}"\nthreads = 1\n{plugin}'
     )

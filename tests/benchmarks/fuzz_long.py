@@ -89,6 +89,7 @@ async def fuzz(args: argparse.Namespace, workdir: Path) -> int:
             f'[store]\npath = "{workdir / "fuzz.db"}"\n\n'
             f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n\n'
             "[limits]\nrate_per_s = 0\n\n[metrics]\nenabled = false\n\n"
+            '[security]\nunauthenticated = "allow"\n\n'  # plain CoAP: no OSCORE here
             '[log]\nlevel = "info"\nformat = "json"\n'
         )
         log_path = workdir / "gatewayd.log"
