@@ -21,27 +21,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
-import aiocoap
-import aiomqtt
-from aiocoap.numbers import codes
 from gatewayd_meter_ocr.evaluation import compare
 from gatewayd_meter_ocr.frames import STYLES, Frame, dataset, render
 from gatewayd_meter_ocr.plugin import MeterOcrPlugin
 from gatewayd_meter_ocr.reader import MeterReader
+from plugin_e2e import run_plugin_e2e
 
-from gatewayd.testing import Mosquitto, free_port
+from gatewayd.codec import CF_JPEG
 
 
 def pipeline(options: dict[str, object], threads: int) -> MeterReader:
@@ -68,64 +62,17 @@ def direct(frames: list[Frame], threads: int) -> tuple[float, list[str | None]]:
 
 
 async def gateway(frames: list[Frame], threads: int, wd: Path) -> tuple[float, list[str | None], int]:
-    port = free_port(socket.SOCK_DGRAM)
-    with Mosquitto() as broker:
-        conf = wd / "gw.toml"
-        conf.write_text(
-            f'[coap]\nbind = "127.0.0.1"\nport = {port}\nmax_body_bytes = 262144\n'
-            f'[store]\npath = "{wd / "store.db"}"\n[mqtt]\nport = {broker.port}\n'
-            '[limits]\nrate_per_s = 0\n[metrics]\nenabled = false\n[log]\nlevel = "warning"\n'
-            '[[plugins]]\nname = "meter"\nplugin = "meter_ocr"\n'
-            f"threads = {threads}\nmax_batch = 4\nmax_wait_ms = 5\nqueue_size = 1000\ndeadline_s = 60\n"
-            "[plugins.options]\n" + "".join(f"{k} = {v}\n" for k, v in PLUGIN_OPTIONS.items())
-        )
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        cmd = [sys.executable, "-m", "gatewayd.cli", "run", "--config", str(conf)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env)
-        results: dict[str, dict[str, object]] = {}
-        ready = asyncio.Event()
-        try:
-            async with aiomqtt.Client("127.0.0.1", broker.port) as mqtt:
-                await mqtt.subscribe("gatewayd/gw1/status/plugins/#", qos=1)
-                await mqtt.subscribe("gatewayd/gw1/results/#", qos=1)
-
-                async def listen() -> None:
-                    async for m in mqtt.messages:
-                        topic = str(m.topic)
-                        doc = json.loads(m.payload) if isinstance(m.payload, bytes | str) else {}
-                        if topic.endswith("status/plugins/meter") and doc.get("state") == "ready":
-                            ready.set()
-                        elif "/results/meter/" in topic:
-                            results[str(doc["node"])] = doc
-
-                listener = asyncio.create_task(listen())
-                await asyncio.wait_for(ready.wait(), 120)
-                ctxs = [await aiocoap.Context.create_client_context(transports=["udp6"]) for _ in range(4)]
-
-                async def camera(k: int) -> None:
-                    for i in range(k, len(frames), len(ctxs)):
-                        uri = f"coap://127.0.0.1:{port}/s/cam-{i}"
-                        msg = aiocoap.Message(code=aiocoap.POST, uri=uri, payload=frames[i].image)
-                        msg.opt.content_format = 22
-                        resp = await asyncio.wait_for(ctxs[k].request(msg).response, 60)
-                        assert resp.code == codes.CHANGED, resp
-
-                t0 = time.perf_counter()
-                await asyncio.gather(*(camera(k) for k in range(len(ctxs))))
-                deadline = time.monotonic() + 600
-                while len(results) < len(frames) and time.monotonic() < deadline:
-                    await asyncio.sleep(0.01)
-                elapsed = time.perf_counter() - t0
-                listener.cancel()
-                for c in ctxs:
-                    await c.shutdown()
-        finally:
-            proc.terminate()
-            code = await asyncio.to_thread(proc.wait, 60)
+    run = await run_plugin_e2e(
+        "meter_ocr",
+        PLUGIN_OPTIONS,
+        [(fr.image, CF_JPEG) for fr in frames],
+        wd,
+        threads=threads,
+        node_prefix="cam",
+    )
     # A reading is its "text" when it has a value (when uncertain, "text" is what was seen).
-    got = [results.get(f"cam-{i}", {}) for i in range(len(frames))]
-    values = [str(r["text"]) if r.get("value") is not None else None for r in got]
-    return len(results) / elapsed, values, code
+    values = [str(r["text"]) if r.get("value") is not None else None for r in run.results]
+    return run.rate, values, run.exit_code
 
 
 def main() -> int:
