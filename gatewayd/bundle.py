@@ -8,25 +8,41 @@ folder, a symlink or special file. Verification is at load time; the folder must
 by whoever deploys bundles.
 
 Extending the format: :class:`Manifest` forbids unknown keys, so a gatewayd that predates a key
-(an expiry, a minimum gatewayd version) refuses a manifest that carries it instead of silently
-ignoring a constraint, and ``format_version`` above :data:`FORMAT_VERSION` is refused with its own
-message. A detached signature goes in ``manifest.sig`` over the exact bytes of ``manifest.json``;
-both names are left out of the file list, and ``manifest.sig`` is tolerated (not yet checked).
+refuses a manifest that carries it instead of silently ignoring a constraint, and
+``format_version`` above :data:`FORMAT_VERSION` is refused with its own message. The optional
+constraints ``min_gatewayd`` and ``expires`` are written only when set, so a manifest without
+them stays readable by a gatewayd that predates them.
 
-Standard library and pydantic only: plugin workers import this.
+Signatures: ``manifest.sig`` is a small JSON object ``{"algorithm": "ed25519", "key_id": ...,
+"signature": <base64>}``, a detached Ed25519 signature over the exact bytes of ``manifest.json``
+(which in turn pins every file's SHA-256). ``key_id`` is :func:`key_id` of the signer's public
+key: the first 16 hex digits of the SHA-256 of its raw 32 bytes; it only picks the key, trust
+comes from the key being configured. :func:`verify_bundle` checks files only and tolerates a
+``manifest.sig``; :func:`verify_signed` adds the signature and the update policy (expiry,
+minimum gatewayd version, rollback), and :func:`verify_for_gateway` reads the daemon's policy
+from the environment a plugin worker inherits.
+
+Standard library, pydantic and ``cryptography`` (imported only when signing or checking a
+signature): plugin workers import this.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import os
 import stat
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
@@ -35,6 +51,11 @@ FORMAT_VERSION = 1
 
 _RESERVED = frozenset({MANIFEST_NAME, SIGNATURE_NAME})
 _CHUNK = 1 << 20
+_VERSION = r"^[0-9]{1,9}(\.[0-9]{1,9}){0,3}$"
+#: Environment a plugin worker inherits from the daemon: trusted public key files (os.pathsep
+#: separated) and "1"/"0" for whether a signature is required (see :func:`verify_for_gateway`).
+ENV_TRUSTED_KEYS = "GATEWAYD_MODELS_TRUSTED_KEYS"
+ENV_REQUIRE_SIGNATURE = "GATEWAYD_MODELS_REQUIRE_SIGNATURE"
 
 
 class BundleError(ValueError):
@@ -60,7 +81,7 @@ class Manifest(_Strict):
     format_version: Annotated[int, Field(ge=1)] = FORMAT_VERSION
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     #: Dotted numbers only, so that rollback checks can order versions without guessing.
-    version: Annotated[str, Field(pattern=r"^[0-9]{1,9}(\.[0-9]{1,9}){0,3}$")]
+    version: Annotated[str, Field(pattern=_VERSION)]
     kind: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     quantization: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     #: Relative POSIX path -> entry, for every file in the folder but manifest.json and manifest.sig.
@@ -71,6 +92,10 @@ class Manifest(_Strict):
     created: str
     #: Free-form, e.g. training or evaluation figures; no gatewayd check depends on it.
     extra: dict[str, Any] = {}
+    #: The oldest gatewayd (dotted numbers) that may load the bundle.
+    min_gatewayd: Annotated[str | None, Field(pattern=_VERSION)] = None
+    #: ISO 8601, UTC: the bundle is refused from this moment on.
+    expires: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -93,9 +118,11 @@ class Manifest(_Strict):
                 raise ValueError(f"{p!r}: {problem}")
         return files
 
-    @field_validator("created")
+    @field_validator("created", "expires")
     @classmethod
-    def _utc_timestamp(cls, v: str) -> str:
+    def _utc_timestamp(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         try:
             t = datetime.fromisoformat(v)
         except ValueError:
@@ -109,6 +136,9 @@ class Manifest(_Strict):
         """Bytes in all listed files."""
         return sum(f.size for f in self.files.values())
 
+    def expires_at(self) -> datetime | None:
+        return None if self.expires is None else datetime.fromisoformat(self.expires)
+
 
 def write_manifest(
     folder: Path,
@@ -119,11 +149,14 @@ def write_manifest(
     quantization: str,
     input_schema: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    min_gatewayd: str | None = None,
+    expires: str | None = None,
 ) -> Manifest:
     """Hash every file under ``folder`` and write its ``manifest.json``; returns the manifest written.
 
     Raises BundleError for a folder that is not one, holds no files, or holds a symlink or special
-    file, and for field values a manifest cannot carry (the message names the key).
+    file, and for field values a manifest cannot carry (the message names the key). A signature
+    left from before is removed: it was over the old manifest.
     """
     folder = Path(folder)
     files = {
@@ -143,10 +176,17 @@ def write_manifest(
             input_schema=input_schema,
             created=created,
             extra=extra or {},
+            min_gatewayd=min_gatewayd,
+            expires=expires,
         )
     except ValidationError as e:
         raise BundleError(folder, _problems(e), MANIFEST_NAME) from None
-    text = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+    doc = manifest.model_dump(mode="json")
+    for key in ("min_gatewayd", "expires"):  # unset: left out, so older gatewayds still read it
+        if doc[key] is None:
+            del doc[key]
+    text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
+    (folder / SIGNATURE_NAME).unlink(missing_ok=True)
     tmp = folder / f".{MANIFEST_NAME}.tmp"
     try:
         tmp.write_text(text, encoding="utf-8")
@@ -165,9 +205,15 @@ def verify_bundle(folder: Path) -> Manifest:
     """The manifest of a bundle whose files match it exactly; BundleError naming the file otherwise.
 
     Cheap checks first over all files (missing, unlisted, size), then SHA-256 in 1 MiB chunks.
+    No signature or policy check: see :func:`verify_signed`.
     """
     folder = Path(folder)
     manifest = _parse(folder, _read_manifest_bytes(folder))
+    _verify_files(folder, manifest)
+    return manifest
+
+
+def _verify_files(folder: Path, manifest: Manifest) -> None:
     present = set(_walk(folder))
     if missing := sorted(manifest.files.keys() - present):
         rel = missing[0]
@@ -187,7 +233,246 @@ def verify_bundle(folder: Path) -> Manifest:
             raise BundleError(
                 folder, f"sha256 mismatch (manifest {entry.sha256[:12]}…, file {got[:12]}…)", rel
             )
+
+
+# --- signatures and update policy -------------------------------------------------------------
+
+
+def key_id(public_key: Ed25519PublicKey) -> str:
+    """The key's id in ``manifest.sig``: 16 hex digits of the SHA-256 of its raw 32 bytes."""
+    from cryptography.hazmat.primitives import serialization
+
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    """An Ed25519 public key from a PEM file; ValueError saying why not."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    try:
+        key = serialization.load_pem_public_key(Path(path).read_bytes())
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+    except ValueError:
+        raise ValueError(f"{path} is not a PEM public key") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError(f"{path} is a {type(key).__name__}, not an Ed25519 public key")
+    return key
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    """An Ed25519 private key from an unencrypted PEM file; ValueError saying why not."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+    except (ValueError, TypeError):  # TypeError: the key is encrypted
+        raise ValueError(f"{path} is not an unencrypted PEM private key") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path} is a {type(key).__name__}, not an Ed25519 private key")
+    return key
+
+
+def generate_keypair(out: Path, name: str = "signing") -> tuple[Path, Path]:
+    """Write ``NAME.pem`` (private, PKCS#8, mode 0600) and ``NAME.pub`` into ``out``; refuses to
+    overwrite either (FileExistsError). Returns both paths."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    priv_path, pub_path = out / f"{name}.pem", out / f"{name}.pub"
+    if pub_path.exists():
+        raise FileExistsError(f"{pub_path} exists; not overwriting a key")
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    # O_EXCL with the mode set at creation: the key is never readable by others, not even briefly.
+    fd = os.open(priv_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    pub_path.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return priv_path, pub_path
+
+
+def sign_bundle(folder: Path, private_key: Path | Ed25519PrivateKey) -> str:
+    """Check the bundle's files, then write ``manifest.sig`` over its manifest; returns the key id.
+
+    Files are checked first: a signature vouches for the files, so a folder that no longer matches
+    its manifest is refused (BundleError) rather than signed.
+    """
+    folder = Path(folder)
+    if isinstance(private_key, Path | str):
+        private_key = load_private_key(Path(private_key))
+    raw = _read_manifest_bytes(folder)
+    _verify_files(folder, _parse(folder, raw))
+    kid = key_id(private_key.public_key())
+    doc = {
+        "algorithm": "ed25519",
+        "key_id": kid,
+        "signature": base64.b64encode(private_key.sign(raw)).decode("ascii"),
+    }
+    tmp = folder / f".{SIGNATURE_NAME}.tmp"
+    try:
+        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, folder / SIGNATURE_NAME)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return kid
+
+
+def version_tuple(v: str) -> tuple[int, ...]:
+    """Dotted numbers as a tuple for ordering, trailing zeros dropped ("1.0" == "1"); the numeric
+    prefix only, so a development version like "0.2.0.dev1" orders as 0.2.0."""
+    parts: list[int] = []
+    for p in v.split("."):
+        if not p.isdigit():
+            break
+        parts.append(int(p))
+    while parts and parts[-1] == 0:
+        parts.pop()
+    return tuple(parts)
+
+
+def gatewayd_version() -> str:
+    """The running gatewayd's version: the installed distribution's, else the package's."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("gatewayd")
+    except metadata.PackageNotFoundError:  # running from a source tree
+        from gatewayd import __version__
+
+        return __version__
+
+
+def verify_signed(
+    folder: Path,
+    trusted_keys: Iterable[Path | Ed25519PublicKey],
+    *,
+    require_signature: bool = True,
+    now: datetime | None = None,
+    installed_version: str | None = None,
+    running_version: str | None = None,
+) -> Manifest:
+    """:func:`verify_bundle` plus signature and update policy; BundleError with a distinct reason.
+
+    In order: the signature over the exact manifest bytes (unsigned when required; unreadable;
+    signed by a key not in ``trusted_keys``; not matching), then the manifest, its expiry (against
+    ``now``, default the current time), ``min_gatewayd`` (against ``running_version``, default
+    :func:`gatewayd_version`), rollback (version not above ``installed_version``, when given), and
+    last the files. Without ``require_signature`` an unsigned bundle passes, but a signature that is
+    there is still checked whenever keys are given: a bad one is never ignored.
+    """
+    folder = Path(folder)
+    keys = {key_id(k): k for k in (_as_public_key(k) for k in trusted_keys)}
+    if require_signature and not keys:
+        raise BundleError(folder, "a signature is required but no trusted keys are configured")
+    raw = _read_manifest_bytes(folder)  # once: the bytes checked are the bytes parsed
+    if keys:
+        _check_signature(folder, raw, keys, require_signature)
+    manifest = _parse(folder, raw)
+    now = now or datetime.now(UTC)
+    if (expires := manifest.expires_at()) is not None and now >= expires:
+        raise BundleError(
+            folder, f"expired at {manifest.expires} (now {now.strftime('%Y-%m-%dT%H:%M:%SZ')})", MANIFEST_NAME
+        )
+    running = running_version or gatewayd_version()
+    if manifest.min_gatewayd is not None and version_tuple(running) < version_tuple(manifest.min_gatewayd):
+        raise BundleError(
+            folder, f"needs gatewayd >= {manifest.min_gatewayd}; this is gatewayd {running}", MANIFEST_NAME
+        )
+    if installed_version is not None and version_tuple(manifest.version) <= version_tuple(installed_version):
+        raise BundleError(
+            folder,
+            f"version {manifest.version} is not newer than the installed {installed_version} "
+            "(rollback refused)",
+            MANIFEST_NAME,
+        )
+    _verify_files(folder, manifest)
     return manifest
+
+
+def trusted_keys_from_env(environ: Mapping[str, str] | None = None) -> tuple[list[Path], bool]:
+    """The daemon's signature policy as a worker inherits it: (key files, signature required)."""
+    env = os.environ if environ is None else environ
+    paths = [Path(p) for p in env.get(ENV_TRUSTED_KEYS, "").split(os.pathsep) if p]
+    required = env.get(ENV_REQUIRE_SIGNATURE, "1" if paths else "0") == "1"
+    return paths, required
+
+
+def verify_for_gateway(
+    folder: Path, installed_version: str | None = None, *, now: datetime | None = None
+) -> Manifest:
+    """:func:`verify_signed` under the daemon's ``[models]`` policy, for a plugin loading a bundle.
+
+    The daemon exports ``[models] trusted_keys`` and ``require_signature`` to its workers'
+    environment (:data:`ENV_TRUSTED_KEYS`, :data:`ENV_REQUIRE_SIGNATURE`); a key file that cannot
+    be loaded is a BundleError naming it.
+    """
+    paths, required = trusted_keys_from_env()
+    keys = []
+    for p in paths:
+        try:
+            keys.append(load_public_key(p))
+        except ValueError as e:
+            raise BundleError(Path(folder), f"trusted key: {e}") from None
+    return verify_signed(
+        folder, keys, require_signature=required, now=now, installed_version=installed_version
+    )
+
+
+def _as_public_key(k: Path | Ed25519PublicKey) -> Ed25519PublicKey:
+    return load_public_key(k) if isinstance(k, Path | str) else k
+
+
+def _check_signature(folder: Path, raw: bytes, keys: Mapping[str, Ed25519PublicKey], required: bool) -> None:
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        sig_raw = (folder / SIGNATURE_NAME).read_bytes()
+    except FileNotFoundError:
+        if not required:
+            return
+        raise BundleError(
+            folder, "missing: the bundle is not signed and this gateway requires a signature", SIGNATURE_NAME
+        ) from None
+    except OSError as e:
+        raise BundleError(folder, f"cannot read: {e.strerror}", SIGNATURE_NAME) from None
+    try:
+        doc = json.loads(sig_raw)
+        if not isinstance(doc, dict) or doc.get("algorithm") != "ed25519":
+            raise ValueError('not {"algorithm": "ed25519", ...}')
+        kid, sig = doc["key_id"], base64.b64decode(doc["signature"], validate=True)
+        if not isinstance(kid, str):
+            raise ValueError("key_id is not a string")
+    except (ValueError, KeyError, TypeError, binascii.Error) as e:
+        raise BundleError(folder, f"not a valid signature file: {e}", SIGNATURE_NAME) from None
+    key = keys.get(kid)
+    if key is None:
+        raise BundleError(
+            folder,
+            f"signed with key {kid}, which is not a trusted key (trusted: {', '.join(sorted(keys))})",
+            SIGNATURE_NAME,
+        )
+    try:
+        key.verify(sig, raw)
+    except InvalidSignature:
+        raise BundleError(
+            folder,
+            f"bad signature: does not match {MANIFEST_NAME} under key {kid} (changed after signing?)",
+            SIGNATURE_NAME,
+        ) from None
 
 
 def _more(paths: list[str], what: str) -> str:

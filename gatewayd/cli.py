@@ -1,5 +1,5 @@
 """Command line: ``gatewayd run``, ``check-config``, ``plugins list|check``, ``status``, ``demo``,
-``nodes provision`` and ``models quantize|convert|bundle|verify``."""
+``nodes provision`` and ``models quantize|convert|bundle|keygen|sign|verify``."""
 
 from __future__ import annotations
 
@@ -77,13 +77,39 @@ def main(argv: list[str] | None = None) -> int:
     bun.add_argument("--kind", required=True, help="e.g. onnxruntime-genai, onnx")
     bun.add_argument("--quantization", required=True, help="e.g. fp32, int8, int4")
     bun.add_argument("--input-schema", type=Path, help="a JSON schema of the reading fields the model takes")
+    bun.add_argument("--min-gatewayd", help="the oldest gatewayd version that may load it, e.g. 0.2.0")
+    bun.add_argument("--expires", help="ISO 8601 UTC time after which gateways refuse it")
+    kg = models_sub.add_parser(
+        "keygen",
+        help="make an Ed25519 key pair for signing bundles: NAME.pem (private, 0600) and NAME.pub",
+        description="Exit status 2: a key of that name exists in OUT (never overwritten).",
+    )
+    kg.add_argument("--out", type=Path, required=True, help="the folder to write the keys into")
+    kg.add_argument("--name", default="signing", help="file name stem (default: signing)")
+    sg = models_sub.add_parser(
+        "sign",
+        help="check a bundle's files, then sign its manifest.json into manifest.sig",
+        description="Exit status 1: the bundle does not match its manifest; 2: bad folder or key.",
+    )
+    sg.add_argument("folder", type=Path)
+    sg.add_argument("--key", type=Path, required=True, help="the Ed25519 private key (PEM) from keygen")
     ver = models_sub.add_parser(
         "verify",
-        help="check a bundle against its manifest.json",
-        description="Exit status 1: a file is missing, changed, truncated, added, or the manifest is "
-        "invalid; 2: FOLDER is not a directory.",
+        help="check a bundle against its manifest.json, and its signature with --trusted-key",
+        description="Exit status 1: refused (a file missing, changed, truncated or added; an invalid "
+        "manifest; with --trusted-key: unsigned, untrusted key, bad signature; expired; needs a newer "
+        "gatewayd; not newer than --installed); 2: FOLDER is not a directory or a key cannot be read.",
     )
     ver.add_argument("folder", type=Path)
+    ver.add_argument(
+        "--trusted-key",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PUB",
+        help="a trusted public key (PEM); repeatable; with any, an unsigned bundle is refused",
+    )
+    ver.add_argument("--installed", metavar="VERSION", help="refuse a bundle not newer than this (rollback)")
     from gatewayd import credentials
 
     credentials.add_cli(sub)
@@ -115,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "models" and args.action == "bundle":
         return _bundle(args)
     if args.cmd == "models" and args.action == "verify":
-        return _verify(args.folder)
+        return _verify(args.folder, args.trusted_key, args.installed)
+    if args.cmd == "models" and args.action == "keygen":
+        return _keygen(args.out, args.name)
+    if args.cmd == "models" and args.action == "sign":
+        return _sign(args.folder, args.key)
     if args.cmd == "models" and args.action == "convert":
         return _convert(args)
     if args.cmd == "models":
@@ -248,6 +278,8 @@ def _bundle(args: argparse.Namespace) -> int:
             kind=args.kind,
             quantization=args.quantization,
             input_schema=schema,
+            min_gatewayd=args.min_gatewayd,
+            expires=args.expires,
         )
     except (bundle.BundleError, OSError) as e:
         print(f"{me}: {e}", file=sys.stderr)
@@ -256,8 +288,8 @@ def _bundle(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verify(folder: Path) -> int:
-    """1 when the bundle does not match its manifest, 2 when FOLDER is not a directory."""
+def _verify(folder: Path, trusted: list[Path], installed: str | None) -> int:
+    """1 when the bundle is refused, 2 when FOLDER is not a directory or a key cannot be read."""
     from gatewayd import bundle
 
     me = "gatewayd models verify"
@@ -265,11 +297,55 @@ def _verify(folder: Path) -> int:
         print(f"{me}: {folder}: not a directory", file=sys.stderr)
         return 2
     try:
-        m = bundle.verify_bundle(folder)
+        keys = [bundle.load_public_key(p) for p in trusted]
+    except ValueError as e:
+        print(f"{me}: --trusted-key: {e}", file=sys.stderr)
+        return 2
+    try:
+        # Without keys the signature cannot be checked, but expiry and min_gatewayd still are.
+        m = bundle.verify_signed(folder, keys, require_signature=bool(keys), installed_version=installed)
     except bundle.BundleError as e:
         print(f"{me}: {e}", file=sys.stderr)
         return 1
-    print(f"ok {m.name} {m.version} {m.quantization}, {len(m.files)} files, {m.total_size / 1e6:.1f} MB")
+    signed = ", signature ok" if keys else ""  # without keys: as before signatures existed
+    print(
+        f"ok {m.name} {m.version} {m.quantization}, {len(m.files)} files, {m.total_size / 1e6:.1f} MB{signed}"
+    )
+    return 0
+
+
+def _keygen(out: Path, name: str) -> int:
+    from gatewayd import bundle
+
+    try:
+        priv, pub = bundle.generate_keypair(out, name)
+    except OSError as e:  # FileExistsError included
+        print(f"gatewayd models keygen: {e}", file=sys.stderr)
+        return 2
+    kid = bundle.key_id(bundle.load_public_key(pub))
+    print(f"wrote {priv} (private, keep it off gateways) and {pub} (key id {kid}; give it to gateways)")
+    return 0
+
+
+def _sign(folder: Path, key: Path) -> int:
+    """1 when the bundle does not match its manifest, 2 for a bad folder or key."""
+    from gatewayd import bundle
+
+    me = "gatewayd models sign"
+    if not folder.is_dir():
+        print(f"{me}: {folder}: not a directory", file=sys.stderr)
+        return 2
+    try:
+        private = bundle.load_private_key(key)
+    except ValueError as e:
+        print(f"{me}: --key: {e}", file=sys.stderr)
+        return 2
+    try:
+        kid = bundle.sign_bundle(folder, private)
+    except bundle.BundleError as e:
+        print(f"{me}: {e}", file=sys.stderr)
+        return 1
+    print(f"signed {folder / bundle.MANIFEST_NAME} with key {kid}: wrote {folder / bundle.SIGNATURE_NAME}")
     return 0
 
 
@@ -354,12 +430,16 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _run(path: Path) -> int:
+    import os
+
     from gatewayd import log
     from gatewayd.app import App
 
     cfg = _load_config(path)
     if cfg is None:
         return 2
+    # Workers inherit the environment: this is how a plugin's bundle.verify_for_gateway gets [models].
+    os.environ.update(cfg.models.environ())
     log.setup(cfg.log.level, cfg.log.format)
     return asyncio.run(App(cfg).run())
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -402,6 +403,40 @@ class SecurityConfig(_Strict):
         return self
 
 
+def _trusted_key(v: Path) -> Path:
+    from gatewayd import bundle  # cryptography only when keys are configured
+
+    bundle.load_public_key(v)  # its ValueError names the file and what is wrong
+    return v
+
+
+class ModelsConfig(_Strict):
+    """Who may publish model bundles to this gateway (README, "Model bundles")."""
+
+    #: Ed25519 public keys (PEM) whose signatures on a bundle's manifest.sig are trusted.
+    trusted_keys: list[Annotated[Path, AfterValidator(_trusted_key)]] = []
+    #: Refuse unsigned bundles; default: true when trusted_keys are set.
+    require_signature: bool | None = None
+
+    @model_validator(mode="after")
+    def _keys_for_signatures(self) -> ModelsConfig:
+        if self.require_signature and not self.trusted_keys:
+            raise ValueError("require_signature = true needs trusted_keys")
+        return self
+
+    def signature_required(self) -> bool:
+        return bool(self.trusted_keys) if self.require_signature is None else self.require_signature
+
+    def environ(self) -> dict[str, str]:
+        """The policy as the environment a plugin worker inherits (gatewayd.bundle.verify_for_gateway)."""
+        from gatewayd import bundle
+
+        return {
+            bundle.ENV_TRUSTED_KEYS: os.pathsep.join(str(p.resolve()) for p in self.trusted_keys),
+            bundle.ENV_REQUIRE_SIGNATURE: "1" if self.signature_required() else "0",
+        }
+
+
 class Config(_Strict):
     gateway: GatewayConfig = GatewayConfig()
     coap: CoapConfig = CoapConfig()
@@ -412,6 +447,7 @@ class Config(_Strict):
     limits: NodeLimitConfig = NodeLimitConfig()
     metrics: MetricsConfig = MetricsConfig()
     security: SecurityConfig = SecurityConfig()
+    models: ModelsConfig = ModelsConfig()
     plugins: list[PluginConfig] = []
 
     @model_validator(mode="after")
