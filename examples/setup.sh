@@ -28,7 +28,7 @@ fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
 pip_log="$(mktemp)"
 if ! "$VENV/bin/python" -m pip install --disable-pip-version-check \
-    -e "$ROOT${GATEWAYD_EXTRAS:-}" -e "$ROOT/plugins/anomaly" -e "$ROOT/plugins/meter_ocr" \
+    -e "$ROOT${GATEWAYD_EXTRAS:-}" -e "$ROOT/plugins/anomaly" -e "$ROOT/plugins/meter_ocr" -e "$ROOT/plugins/glm" \
     -e "$ROOT/examples/plugin-template" \
     >"$pip_log" 2>&1; then
   cat "$pip_log"; rm -f "$pip_log"; exit 1

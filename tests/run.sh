@@ -8,7 +8,7 @@ GATEWAYD_APT_EXTRA="libcoap3-bin fonts-dejavu-core fonts-dejavu-extra systemd"
 source "$(dirname "${BASH_SOURCE[0]}")/../examples/setup.sh"
 cd "$ROOT"
 "$VENV/bin/ruff" check gatewayd plugins tests examples
-"$VENV/bin/mypy" gatewayd plugins/anomaly/gatewayd_anomaly plugins/meter_ocr/gatewayd_meter_ocr \
+"$VENV/bin/mypy" gatewayd plugins/anomaly/gatewayd_anomaly plugins/meter_ocr/gatewayd_meter_ocr plugins/glm/gatewayd_glm \
   examples/plugin-template/gatewayd_plugin_template
 set +e
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests examples/plugin-template/tests "$@"

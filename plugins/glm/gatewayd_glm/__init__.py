@@ -1,0 +1,1 @@
+"""gatewayd GLM plugin: text to JSON intents with a small GLM-architecture model."""
