@@ -87,7 +87,7 @@ def read_config(checkpoint: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: model_type {config.get('model_type')!r}, expected 'glm'")
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     fraction = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", ROTARY_FRACTION))
-    if not math.isclose(float(fraction), ROTARY_FRACTION):
+    if not isinstance(fraction, int | float) or not math.isclose(fraction, ROTARY_FRACTION):
         raise ValueError(
             f"{path}: partial_rotary_factor {fraction}; the onnxruntime-genai GLM exporter supports only "
             f"{ROTARY_FRACTION}"
@@ -145,12 +145,20 @@ def convert(
         try:
             with contextlib.redirect_stdout(log) if quiet else contextlib.nullcontext():
                 parsed = parse_extra_options(
-                    None, str(src), str(out), precision, "cpu", str(cache), [f"{k}={v}" for k, v in options.items()]
+                    None,
+                    str(src),
+                    str(out),
+                    precision,
+                    "cpu",
+                    str(cache),
+                    [f"{k}={v}" for k, v in options.items()],
                 )
                 create_model(None, str(src), str(out), precision, "cpu", str(cache), **parsed)
         except Exception as e:
             tail = log.getvalue()[-2000:]
-            raise ValueError(f"onnxruntime-genai builder failed on {checkpoint} ({precision}): {e}\n{tail}") from e
+            raise ValueError(
+                f"onnxruntime-genai builder failed on {checkpoint} ({precision}): {e}\n{tail}"
+            ) from e
     if verify:
         check = compare_logits(checkpoint, out)
         if not check.passes(precision):
@@ -168,7 +176,7 @@ def compare_logits(
     import torch
     from transformers import AutoModelForCausalLM
 
-    torch_model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    torch_model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()  # type: ignore[no-untyped-call]
     vocab = int(torch_model.config.vocab_size)
     prompt = list(ids) if ids is not None else [(7 + 97 * i) % vocab for i in range(12)]
     model = og.Model(str(model_dir))

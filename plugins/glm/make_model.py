@@ -52,8 +52,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # gatewayd_glm without installing the plugin
 sys.path.insert(0, str(HERE.parent.parent))  # gatewayd from the source tree
 
-from gatewayd import convert as conv  # noqa: E402
 from gatewayd_glm import intents  # noqa: E402
+
+from gatewayd import convert as conv  # noqa: E402
 
 SEED = 20240611
 MODEL_NAME = "glm-intent-int8"
