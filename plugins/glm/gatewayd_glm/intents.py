@@ -262,8 +262,8 @@ ZH_VERBS_POST: Final = {
     "on": ["打开", "开起来", "开一下"], "off": ["关掉", "关了", "关闭"], "open": ["打开", "开一下"],
     "close": ["关上", "关了", "关闭"], "start": ["启动", "启动一下"], "stop": ["停掉", "停了", "停下"],
 }  # fmt: skip
-EN_DEVICE_LEAD: Final = ("", "", "", "please ", "can you ", "hey, ", "now ", "go ahead and ", "I need you to ",  # noqa: E501
-                         "operator: ")  # fmt: skip
+EN_DEVICE_LEAD: Final = ("", "", "", "please ", "can you ", "hey, ", "now ", "go ahead and ",
+                         "I need you to ", "operator: ")  # fmt: skip
 EN_DEVICE_TAIL: Final = ("", "", "", " please", " now", " right away", ", thanks", " immediately")
 ZH_DEVICE_LEAD: Final = ("", "", "请", "帮我", "麻烦", "马上", "现在")
 ZH_DEVICE_TAIL: Final = ("", "", "。", "！", "吧", "，谢谢", "一下")
