@@ -57,11 +57,11 @@ def source_ip(remote: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | No
 
 
 def load_contexts(entries: list[credentials.Entry]) -> CredentialsMap:
-    """aiocoap's FilesystemSecurityContext for each entry, or CredentialsError (all released again)."""
+    """aiocoap's FilesystemSecurityContext for each entry (checked by credentials.read), or
+    CredentialsError (all released again)."""
     cmap = CredentialsMap()
     try:
         for e in entries:
-            credentials.check_dir(e)
             try:
                 cmap.load_from_dict({e.label: {"oscore": {"basedir": str(e.basedir)}}})
             except TimeoutError:  # filelock's Timeout: another process has this context open
@@ -137,15 +137,15 @@ class Access:
         kid = unprotected.get(oscore.COSE_KID)
         return self._by_kid.get((kid, unprotected.get(oscore.COSE_KID_CONTEXT))) if kid is not None else None
 
+    def node_of(self, sc: Any) -> str | None:
+        """The node a security context authenticates (by its credentials label), or None."""
+        return next(filter(None, map(self.nodes.get, sc.authenticated_claims)), None)
+
     def identity(self, remote: Any) -> str | None:
         """The node a request was authenticated as, or None for an unprotected one."""
         if not isinstance(remote, OSCOREAddress):
             return None
-        for claim in remote.authenticated_claims:
-            node = self.nodes.get(claim)
-            if node is not None:
-                return node
-        return "?"  # a context that maps to no node: matches none
+        return self.node_of(remote.security_context) or "?"  # a context that maps to no node: matches none
 
     def check(self, request: aiocoap.Message, node: str) -> None:
         """Raise WrongNode (4.03) or Unauthenticated (4.01) unless ``request`` may post as ``node``."""
@@ -231,8 +231,7 @@ class OscoreFront:
                 )
             inner, seqno = self._unprotect(sc, request)
         except error.RenderableError as e:
-            node = None if sc is None else next(map(self.access.nodes.get, sc.authenticated_claims), None)
-            log_refusal(e, node, request.remote)
+            log_refusal(e, None if sc is None else self.access.node_of(sc), request.remote)
             self.counted(e)
             if request.mtype is not aiocoap.CON and not isinstance(e, oscore.ReplayErrorWithEcho):
                 return  # as aiocoap: a NON that fails verification gets no answer

@@ -69,8 +69,8 @@ class App:
         try:
             return await self._run()
         finally:
-            if self.access is not None:
-                self.access.close()  # persists the sequence numbers if _run did not get to it
+            if self.access is not None:  # after the CoAP server: a request in flight may need its context
+                self.access.close()  # sequence numbers and replay windows to disk, locks released
             if self.metrics is not None:
                 await self.metrics.stop()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -120,6 +120,7 @@ class App:
             runner = PluginRunner(
                 p, target, queue, store, slots, cfg.runtime.threads(), fallback_target, self._publish_state,
                 on_batch=metrics.batch_observer(p.name) if metrics else None,
+                worker_env=cfg.models.environ(),  # the bundle signature policy, for the plugins to apply
             )  # fmt: skip
             self.runners.append(runner)
             routes.append(Route(p.name, p.match, queue, p.retry_after_s))
@@ -196,8 +197,6 @@ class App:
         await asyncio.gather(*tasks, *others, return_exceptions=True)
         self._write_status()
         await self.store.close()
-        if self.access is not None:  # last: a request still in flight may need its context to answer
-            self.access.close()  # sequence numbers and replay windows to disk, locks released
         log.info("stopped", seconds=round(time.monotonic() - t0, 3), outbox_left=self.store.outbox_count)
 
     def _publish_state(self, runner: PluginRunner) -> None:

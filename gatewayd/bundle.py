@@ -185,20 +185,15 @@ def write_manifest(
     for key in ("min_gatewayd", "expires"):  # unset: left out, so older gatewayds still read it
         if doc[key] is None:
             del doc[key]
-    text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
     (folder / SIGNATURE_NAME).unlink(missing_ok=True)
-    tmp = folder / f".{MANIFEST_NAME}.tmp"
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, folder / MANIFEST_NAME)  # a reader never sees half a manifest
-    finally:
-        tmp.unlink(missing_ok=True)
+    _write_json(folder / MANIFEST_NAME, doc)
     return manifest
 
 
 def read_manifest(folder: Path) -> Manifest:
     """The folder's manifest, parsed and validated, without checking any file against it."""
-    return _parse(Path(folder), _read_manifest_bytes(Path(folder)))
+    folder = Path(folder)
+    return _parse(folder, _read_manifest_bytes(folder))
 
 
 def verify_bundle(folder: Path) -> Manifest:
@@ -208,7 +203,7 @@ def verify_bundle(folder: Path) -> Manifest:
     No signature or policy check: see :func:`verify_signed`.
     """
     folder = Path(folder)
-    manifest = _parse(folder, _read_manifest_bytes(folder))
+    manifest = read_manifest(folder)
     _verify_files(folder, manifest)
     return manifest
 
@@ -317,17 +312,8 @@ def sign_bundle(folder: Path, private_key: Path | Ed25519PrivateKey) -> str:
     raw = _read_manifest_bytes(folder)
     _verify_files(folder, _parse(folder, raw))
     kid = key_id(private_key.public_key())
-    doc = {
-        "algorithm": "ed25519",
-        "key_id": kid,
-        "signature": base64.b64encode(private_key.sign(raw)).decode("ascii"),
-    }
-    tmp = folder / f".{SIGNATURE_NAME}.tmp"
-    try:
-        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, folder / SIGNATURE_NAME)
-    finally:
-        tmp.unlink(missing_ok=True)
+    signature = base64.b64encode(private_key.sign(raw)).decode("ascii")
+    _write_json(folder / SIGNATURE_NAME, {"algorithm": "ed25519", "key_id": kid, "signature": signature})
     return kid
 
 
@@ -403,14 +389,6 @@ def verify_signed(
     return manifest
 
 
-def trusted_keys_from_env(environ: Mapping[str, str] | None = None) -> tuple[list[Path], bool]:
-    """The daemon's signature policy as a worker inherits it: (key files, signature required)."""
-    env = os.environ if environ is None else environ
-    paths = [Path(p) for p in env.get(ENV_TRUSTED_KEYS, "").split(os.pathsep) if p]
-    required = env.get(ENV_REQUIRE_SIGNATURE, "1" if paths else "0") == "1"
-    return paths, required
-
-
 def verify_for_gateway(
     folder: Path, installed_version: str | None = None, *, now: datetime | None = None
 ) -> Manifest:
@@ -420,7 +398,8 @@ def verify_for_gateway(
     environment (:data:`ENV_TRUSTED_KEYS`, :data:`ENV_REQUIRE_SIGNATURE`); a key file that cannot
     be loaded is a BundleError naming it.
     """
-    paths, required = trusted_keys_from_env()
+    paths = [Path(p) for p in os.environ.get(ENV_TRUSTED_KEYS, "").split(os.pathsep) if p]
+    required = os.environ.get(ENV_REQUIRE_SIGNATURE, "1" if paths else "0") == "1"
     keys = []
     for p in paths:
         try:
@@ -484,10 +463,19 @@ def _more(paths: list[str], what: str) -> str:
     return f"; {len(rest)} more {what}: {shown}"
 
 
+def _write_json(path: Path, doc: Mapping[str, Any]) -> None:
+    """Sorted, indented JSON, replaced atomically: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _read_manifest_bytes(folder: Path) -> bytes:
     # Bytes, not text: a signature check will verify exactly what was parsed.
-    if not folder.is_dir():
-        raise BundleError(folder, "not a directory" if folder.exists() else "no such directory")
+    _require_dir(folder)
     try:
         return (folder / MANIFEST_NAME).read_bytes()
     except FileNotFoundError:
@@ -540,13 +528,17 @@ def _path_problem(p: str) -> str | None:
     return None
 
 
+def _require_dir(folder: Path) -> None:
+    if not folder.is_dir():
+        raise BundleError(folder, "not a directory" if folder.exists() else "no such directory")
+
+
 def _walk(folder: Path) -> list[str]:
     """Every file under folder as sorted relative POSIX paths, less the reserved names.
 
     Symlinks and special files are refused: one could point outside the folder or change under us.
     """
-    if not folder.is_dir():
-        raise BundleError(folder, "not a directory" if folder.exists() else "no such directory")
+    _require_dir(folder)
 
     def fail(e: OSError) -> None:
         raise BundleError(folder, f"cannot list: {e.strerror}", e.filename)

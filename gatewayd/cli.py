@@ -138,18 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         return credentials.cli(args)
     if args.cmd == "status":
         return _status(args.config)
-    if args.cmd == "models" and args.action == "bundle":
-        return _bundle(args)
-    if args.cmd == "models" and args.action == "verify":
-        return _verify(args.folder, args.trusted_key, args.installed)
-    if args.cmd == "models" and args.action == "keygen":
-        return _keygen(args.out, args.name)
-    if args.cmd == "models" and args.action == "sign":
-        return _sign(args.folder, args.key)
-    if args.cmd == "models" and args.action == "convert":
-        return _convert(args)
     if args.cmd == "models":
-        return _quantize(args)
+        tools = {"quantize": _quantize, "convert": _convert, "bundle": _bundle, "keygen": _keygen,
+                 "sign": _sign, "verify": _verify}  # fmt: skip
+        return tools[args.action](args)
     from gatewayd import demo as demo_mod
 
     return asyncio.run(demo_mod.run(args.count, args.interval))
@@ -169,10 +161,12 @@ def _check_plugin(name: str, config_path: Path | None) -> int:
     from gatewayd.supervisor import Worker, WorkerFailed
 
     ref, options, threads, timeout = name, {}, 1, 120.0
+    env: dict[str, str] = {}
     if config_path is not None:
         cfg = _load_config(config_path)
         if cfg is None:
             return 2
+        env = cfg.models.environ()  # the bundle signature policy, as the daemon's workers get it
         for p in cfg.plugins:
             if p.name == name:
                 ref, options = p.plugin, p.options
@@ -184,7 +178,7 @@ def _check_plugin(name: str, config_path: Path | None) -> int:
         return 1
 
     async def go() -> int:
-        worker = await Worker.start(threads)
+        worker = await Worker.start(threads, env)
         t0 = time.perf_counter()
         try:
             info = await worker.load(target, options, threads, timeout)
@@ -202,17 +196,23 @@ def _check_plugin(name: str, config_path: Path | None) -> int:
     return asyncio.run(go())
 
 
+def _fail(args: argparse.Namespace, problem: object, status: int = 2) -> int:
+    """Print ``gatewayd CMD ACTION: problem`` to stderr and return ``status``; a missing module
+    (ModuleNotFoundError) is told as the missing 'models' extra."""
+    if isinstance(problem, ModuleNotFoundError):
+        problem = f"needs the 'models' extra, pip install 'gatewayd[models]' ({problem})"
+    print(f"gatewayd {args.cmd} {args.action}: {problem}", file=sys.stderr)
+    return status
+
+
 def _quantize(args: argparse.Namespace) -> int:
     """Quantize, print the report; 1 when the outputs agree too rarely, 2 when the inputs are wrong."""
     from gatewayd import quantize as qz
 
-    me = "gatewayd models quantize"
     if (args.method == "static") != (args.calibration is not None):
-        print(f"{me}: --method static needs --calibration; dynamic takes none", file=sys.stderr)
-        return 2
+        return _fail(args, "--method static needs --calibration; dynamic takes none")
     if args.eval is None and args.calibration is None:
-        print(f"{me}: --eval is required", file=sys.stderr)
-        return 2
+        return _fail(args, "--eval is required")
     metrics: dict[str, qz.Metric] = {
         "close": qz.Close(args.atol, args.rtol),
         "argmax": qz.SameArgmax(),
@@ -236,20 +236,16 @@ def _quantize(args: argparse.Namespace) -> int:
             min_agreement=args.min_agreement,
             threads=args.threads,
         )
-    except ModuleNotFoundError as e:
-        print(f"{me}: needs the 'models' extra, pip install 'gatewayd[models]' ({e})", file=sys.stderr)
-        return 2
-    except (ValueError, OSError) as e:  # SetError is a ValueError
-        print(f"{me}: {e}", file=sys.stderr)
-        return 2
+    except (ModuleNotFoundError, ValueError, OSError) as e:  # SetError is a ValueError
+        return _fail(args, e)
     print("\n".join(report.lines()))
     if not report.passed:
-        print(
-            f"{me}: FAIL: only {report.agreement:.1%} of samples agree (--min-agreement "
+        return _fail(
+            args,
+            f"FAIL: only {report.agreement:.1%} of samples agree (--min-agreement "
             f"{report.min_agreement:.1%}); {report.output} was written but is marked as not passing",
-            file=sys.stderr,
+            1,
         )
-        return 1
     return 0
 
 
@@ -259,17 +255,14 @@ def _bundle(args: argparse.Namespace) -> int:
 
     from gatewayd import bundle
 
-    me = "gatewayd models bundle"
     schema = None
     if args.input_schema is not None:
         try:
             schema = json.loads(args.input_schema.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            print(f"{me}: --input-schema {args.input_schema}: {e}", file=sys.stderr)
-            return 2
+            return _fail(args, f"--input-schema {args.input_schema}: {e}")
         if not isinstance(schema, dict):
-            print(f"{me}: --input-schema {args.input_schema}: not a JSON object", file=sys.stderr)
-            return 2
+            return _fail(args, f"--input-schema {args.input_schema}: not a JSON object")
     try:
         m = bundle.write_manifest(
             args.folder,
@@ -282,31 +275,28 @@ def _bundle(args: argparse.Namespace) -> int:
             expires=args.expires,
         )
     except (bundle.BundleError, OSError) as e:
-        print(f"{me}: {e}", file=sys.stderr)
-        return 2
+        return _fail(args, e)
     _print_bundle(args.folder, m)
     return 0
 
 
-def _verify(folder: Path, trusted: list[Path], installed: str | None) -> int:
+def _verify(args: argparse.Namespace) -> int:
     """1 when the bundle is refused, 2 when FOLDER is not a directory or a key cannot be read."""
     from gatewayd import bundle
 
-    me = "gatewayd models verify"
-    if not folder.is_dir():
-        print(f"{me}: {folder}: not a directory", file=sys.stderr)
-        return 2
+    if not args.folder.is_dir():
+        return _fail(args, f"{args.folder}: not a directory")
     try:
-        keys = [bundle.load_public_key(p) for p in trusted]
+        keys = [bundle.load_public_key(p) for p in args.trusted_key]
     except ValueError as e:
-        print(f"{me}: --trusted-key: {e}", file=sys.stderr)
-        return 2
+        return _fail(args, f"--trusted-key: {e}")
     try:
         # Without keys the signature cannot be checked, but expiry and min_gatewayd still are.
-        m = bundle.verify_signed(folder, keys, require_signature=bool(keys), installed_version=installed)
+        m = bundle.verify_signed(
+            args.folder, keys, require_signature=bool(keys), installed_version=args.installed
+        )
     except bundle.BundleError as e:
-        print(f"{me}: {e}", file=sys.stderr)
-        return 1
+        return _fail(args, e, 1)
     signed = ", signature ok" if keys else ""  # without keys: as before signatures existed
     print(
         f"ok {m.name} {m.version} {m.quantization}, {len(m.files)} files, {m.total_size / 1e6:.1f} MB{signed}"
@@ -314,37 +304,33 @@ def _verify(folder: Path, trusted: list[Path], installed: str | None) -> int:
     return 0
 
 
-def _keygen(out: Path, name: str) -> int:
+def _keygen(args: argparse.Namespace) -> int:
     from gatewayd import bundle
 
     try:
-        priv, pub = bundle.generate_keypair(out, name)
+        priv, pub = bundle.generate_keypair(args.out, args.name)
     except OSError as e:  # FileExistsError included
-        print(f"gatewayd models keygen: {e}", file=sys.stderr)
-        return 2
+        return _fail(args, e)
     kid = bundle.key_id(bundle.load_public_key(pub))
     print(f"wrote {priv} (private, keep it off gateways) and {pub} (key id {kid}; give it to gateways)")
     return 0
 
 
-def _sign(folder: Path, key: Path) -> int:
+def _sign(args: argparse.Namespace) -> int:
     """1 when the bundle does not match its manifest, 2 for a bad folder or key."""
     from gatewayd import bundle
 
-    me = "gatewayd models sign"
-    if not folder.is_dir():
-        print(f"{me}: {folder}: not a directory", file=sys.stderr)
-        return 2
+    if not args.folder.is_dir():
+        return _fail(args, f"{args.folder}: not a directory")
     try:
-        private = bundle.load_private_key(key)
+        private = bundle.load_private_key(args.key)
     except ValueError as e:
-        print(f"{me}: --key: {e}", file=sys.stderr)
-        return 2
+        return _fail(args, f"--key: {e}")
     try:
-        kid = bundle.sign_bundle(folder, private)
+        kid = bundle.sign_bundle(args.folder, private)
     except bundle.BundleError as e:
-        print(f"{me}: {e}", file=sys.stderr)
-        return 1
+        return _fail(args, e, 1)
+    folder = args.folder
     print(f"signed {folder / bundle.MANIFEST_NAME} with key {kid}: wrote {folder / bundle.SIGNATURE_NAME}")
     return 0
 
@@ -352,11 +338,9 @@ def _sign(folder: Path, key: Path) -> int:
 def _convert(args: argparse.Namespace) -> int:
     """Convert, then bundle the output; 2 for bad input or a missing 'models' extra."""
     from gatewayd import bundle
+    from gatewayd import convert as conv  # torch/transformers only inside conv.convert
 
-    me = "gatewayd models convert"
     try:
-        from gatewayd import convert as conv  # pulls in torch/transformers only now
-
         out = conv.convert(args.checkpoint, args.out, args.precision)
         m = bundle.write_manifest(
             out,
@@ -365,12 +349,8 @@ def _convert(args: argparse.Namespace) -> int:
             kind="onnxruntime-genai",
             quantization=args.precision,
         )
-    except ModuleNotFoundError as e:
-        print(f"{me}: needs the 'models' extra, pip install 'gatewayd[models]' ({e})", file=sys.stderr)
-        return 2
-    except (ValueError, OSError) as e:  # BundleError is a ValueError
-        print(f"{me}: {e}", file=sys.stderr)
-        return 2
+    except (ModuleNotFoundError, ValueError, OSError) as e:  # BundleError is a ValueError
+        return _fail(args, e)
     _print_bundle(out, m)
     return 0
 
@@ -430,16 +410,12 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _run(path: Path) -> int:
-    import os
-
     from gatewayd import log
     from gatewayd.app import App
 
     cfg = _load_config(path)
     if cfg is None:
         return 2
-    # Workers inherit the environment: this is how a plugin's bundle.verify_for_gateway gets [models].
-    os.environ.update(cfg.models.environ())
     log.setup(cfg.log.level, cfg.log.format)
     return asyncio.run(App(cfg).run())
 

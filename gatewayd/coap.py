@@ -192,9 +192,9 @@ class _Root(resource.Site):
         self._counted = readings._refused  # refusals here are counted like the resource's own
         access = readings.access
         #: Unprotects OSCORE requests into this site; None when no node has an OSCORE context.
-        self._oscore = None
-        if access is not None and access.oscore:
-            self._oscore = OscoreFront(access, self._render_plain, self._counted)
+        self._oscore = (
+            OscoreFront(access, self._render_plain, self._counted) if access and access.oscore else None
+        )
 
     def add_resource(self, path: Any, res: Any) -> None:
         res._block1 = upload_spool(self._cfg)  # a Block1 upload elsewhere is bounded and 4.08 there too

@@ -266,10 +266,6 @@ class MqttConfig(_Strict):
         """The password read from password_file or password_credential (never logged)."""
         return self._password.get_secret_value() if self._password is not None else None
 
-    @property
-    def tls_on(self) -> bool:
-        return self.tls is not None and self.tls.enabled
-
     @field_validator("prefix")
     @classmethod
     def _no_wildcards(cls, v: str) -> str:

@@ -29,10 +29,10 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 Precision = Literal["fp32", "int8", "int4"]
-PRECISIONS: tuple[Precision, ...] = ("fp32", "int8", "int4")
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 SUPPORTED_ARCHITECTURES = ("GlmForCausalLM",)
 #: The builder's ChatGLM exporter hard-codes rotary embeddings on half of each head.
 ROTARY_FRACTION = 0.5

@@ -61,14 +61,20 @@ def _read_map(path: Path) -> dict[str, Any]:
     return data
 
 
-def read(path: Path, identities: Mapping[str, str] | None = None, *, check_dirs: bool = True) -> list[Entry]:
+def read(path: Path, identities: Mapping[str, str] | None = None) -> list[Entry]:
     """The OSCORE contexts a gateway's credentials map names, or CredentialsError.
 
     String entries (aiocoap's references, a client-side notion) are skipped; anything but
     ``{"oscore": {"basedir": ...}}`` is refused rather than ignored.
     """
-    identities = identities or {}
-    data = _read_map(path)
+    entries = _entries(path, _read_map(path), identities or {})
+    for e in entries:
+        check_dir(e)
+    return entries
+
+
+def _entries(path: Path, data: dict[str, Any], identities: Mapping[str, str]) -> list[Entry]:
+    """The entries of the map ``data`` read from ``path``; their directories not checked."""
     entries = []
     for label, value in data.items():
         if isinstance(value, str):
@@ -90,9 +96,6 @@ def read(path: Path, identities: Mapping[str, str] | None = None, *, check_dirs:
         raise CredentialsError(
             f"{path}: security.identities names labels not in the map: {', '.join(missing)}"
         )
-    if check_dirs:
-        for e in entries:
-            check_dir(e)
     return entries
 
 
@@ -183,7 +186,7 @@ def provision(
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     gateway_map = directory / "credentials.json"
     data = _read_map(gateway_map) if gateway_map.exists() else {}
-    entries = read(gateway_map, check_dirs=False) if data else []
+    entries = _entries(gateway_map, data, {})
     label = f":{node}"
     mine = [e for e in entries if e.label == label]
     if mine and not force:

@@ -9,12 +9,12 @@ import json
 import tempfile
 from pathlib import Path
 
-import aiocoap
 import aiomqtt
 import cbor2
 
 from gatewayd import credentials, registry, simulator
 from gatewayd.app import App
+from gatewayd.codec import CF_CBOR
 from gatewayd.config import (
     CoapConfig,
     Config,
@@ -107,15 +107,13 @@ async def run(count: int = 20, interval_s: float = 0.5) -> int:
 
 
 async def _post_unprotected(port: int) -> str:
-    ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
+    ctx = await simulator.client()
     try:
-        req = aiocoap.Message(
-            code=aiocoap.POST, uri=f"coap://127.0.0.1:{port}/s/pump-1", payload=cbor2.dumps({})
-        )
-        resp = await asyncio.wait_for(ctx.request(req).response, 30)
+        post = simulator.post(ctx, f"coap://127.0.0.1:{port}/s/pump-1", cbor2.dumps({}), CF_CBOR)
+        resp = await asyncio.wait_for(post, 30)
         return f"{resp.code} {resp.payload.decode(errors='replace')!r}"
     finally:
-        await ctx.shutdown()
+        await simulator.close(ctx)
 
 
 def _udp_free(port: int) -> bool:

@@ -45,6 +45,7 @@ from gatewayd.supervisor import State
 
 if TYPE_CHECKING:
     from gatewayd.app import App
+    from gatewayd.supervisor import PluginRunner
 
 log = structlog.get_logger("gatewayd.metrics")
 
@@ -306,102 +307,74 @@ class GatewayCollector(Collector):
             )
 
     def _plugins(self) -> Iterator[Metric]:
-        per = ["plugin"]
-        G, C = GaugeMetricFamily, CounterMetricFamily
-        state = G(
+        runners = list(self.m.app.runners)
+        state = GaugeMetricFamily(
             "gatewayd_plugin_state",
             "1 for the plugin's current state, 0 for the others",
-            labels=[*per, "state"],
+            labels=["plugin", "state"],
         )
-        ready = G("gatewayd_plugin_instances_ready", "Main worker instances ready", labels=per)
-        fallback = G(
-            "gatewayd_plugin_fallback_active", "1 while the fallback (or degraded mode) serves", labels=per
-        )
-        depth = G(
-            "gatewayd_plugin_queue_depth",
-            "Readings queued for the plugin, waiting or in a batch (what queue_size bounds)",
-            labels=per,
-        )
-        waiting = G("gatewayd_plugin_queue_waiting", "Readings queued and not yet in a batch", labels=per)
-        capacity = G(
-            "gatewayd_plugin_queue_capacity", "The plugin's queue_size; beyond it POSTs get 5.03", labels=per
-        )
-        rss = G(
+        for r in runners:
+            for s in State:
+                state.add_metric([r.cfg.name, str(s)], int(s is r.state))
+        yield state
+        for family, name, help_text, value in _PER_PLUGIN:
+            metric = family(name, help_text, labels=["plugin"])
+            for r in runners:
+                metric.add_metric([r.cfg.name], value(r))
+            yield metric
+        rss = GaugeMetricFamily(
             "gatewayd_plugin_worker_resident_memory_bytes",
             "Resident memory of each worker process",
-            labels=[*per, "instance"],
+            labels=["plugin", "instance"],
         )
-        restarts = C(
-            "gatewayd_plugin_restarts",
-            "Worker restarts (crash, hang past the deadline, failed load)",
-            labels=per,
-        )
-        recycled = C("gatewayd_plugin_recycled", "Workers replaced for passing memory_limit_mb", labels=per)
-        batches = C(
-            "gatewayd_plugin_batches",
-            "Batches completed (processed, expired, degraded or given up)",
-            labels=per,
-        )
-        processed = C(
-            "gatewayd_plugin_readings_processed", "Readings completed, whatever the outcome", labels=per
-        )
-        results = C(
+        results = CounterMetricFamily(
             "gatewayd_plugin_results",
             "Readings completed by variant: main, fallback, degraded, expired, error",
-            labels=[*per, "variant"],
+            labels=["plugin", "variant"],
         )
-        expired = C(
-            "gatewayd_plugin_expired",
-            "Readings older than max_age_s when their turn came (result expired, not processed)",
-            labels=per,
-        )
-        given_up = C(
-            "gatewayd_plugin_given_up", "Readings given up after max_attempts (result error)", labels=per
-        )
-        degraded = C(
-            "gatewayd_plugin_degraded",
-            "Readings answered by the degraded fallback (result degraded, not processed)",
-            labels=per,
-        )
-        states = list(State)
-        for r in list(self.m.app.runners):
-            name = r.cfg.name
-            now = r.state
-            for s in states:
-                state.add_metric([name, str(s)], int(s is now))
-            ready.add_metric([name], sum(1 for i in r.instances if i.state is State.READY))
-            fallback.add_metric([name], int(r.fallback_active))
-            depth.add_metric([name], len(r.queue))
-            waiting.add_metric([name], r.queue.waiting)
-            capacity.add_metric([name], r.queue.capacity)
+        for r in runners:
             for inst in [*r.instances, *([r.fallback] if r.fallback else [])]:
                 worker = inst.worker
                 if worker is not None:
-                    rss.add_metric([name, inst.label], worker.rss_mb() * 1024 * 1024)
-            restarts.add_metric([name], r.restarts)
-            recycled.add_metric([name], r.recycled)
-            batches.add_metric([name], r.batches)
-            processed.add_metric([name], r.processed)
-            by_variant = r.results.copy()
-            for variant, n in sorted(by_variant.items()):
-                results.add_metric([name, variant], n)
-            expired.add_metric([name], r.expired)
-            given_up.add_metric([name], r.errors)
-            degraded.add_metric([name], by_variant.get("degraded", 0))
-        yield from (
-            state,
-            ready,
-            fallback,
-            depth,
-            waiting,
-            capacity,
-            rss,
-            restarts,
-            recycled,
-            batches,
-            processed,
-            results,
-            expired,
-            given_up,
-            degraded,
-        )
+                    rss.add_metric([r.cfg.name, inst.label], worker.rss_mb() * 1024 * 1024)
+            for variant, n in sorted(r.results.copy().items()):
+                results.add_metric([r.cfg.name, variant], n)
+        yield rss
+        yield results
+
+
+#: The series with one sample per plugin: (family, name, help, the runner's value).
+_PER_PLUGIN: tuple[
+    tuple[type[GaugeMetricFamily | CounterMetricFamily], str, str, Callable[[PluginRunner], float]], ...
+]
+_PER_PLUGIN = (
+    (GaugeMetricFamily, "gatewayd_plugin_instances_ready", "Main worker instances ready",
+     lambda r: sum(1 for i in r.instances if i.state is State.READY)),
+    (GaugeMetricFamily, "gatewayd_plugin_fallback_active", "1 while the fallback (or degraded mode) serves",
+     lambda r: int(r.fallback_active)),
+    (GaugeMetricFamily, "gatewayd_plugin_queue_depth",
+     "Readings queued for the plugin, waiting or in a batch (what queue_size bounds)",
+     lambda r: len(r.queue)),
+    (GaugeMetricFamily, "gatewayd_plugin_queue_waiting", "Readings queued and not yet in a batch",
+     lambda r: r.queue.waiting),
+    (GaugeMetricFamily, "gatewayd_plugin_queue_capacity", "The plugin's queue_size; beyond it POSTs get 5.03",
+     lambda r: r.queue.capacity),
+    (CounterMetricFamily, "gatewayd_plugin_restarts",
+     "Worker restarts (crash, hang past the deadline, failed load)",
+     lambda r: r.restarts),
+    (CounterMetricFamily, "gatewayd_plugin_recycled", "Workers replaced for passing memory_limit_mb",
+     lambda r: r.recycled),
+    (CounterMetricFamily, "gatewayd_plugin_batches",
+     "Batches completed (processed, expired, degraded or given up)",
+     lambda r: r.batches),
+    (CounterMetricFamily, "gatewayd_plugin_readings_processed", "Readings completed, whatever the outcome",
+     lambda r: r.processed),
+    (CounterMetricFamily, "gatewayd_plugin_expired",
+     "Readings older than max_age_s when their turn came (result expired, not processed)",
+     lambda r: r.expired),
+    (CounterMetricFamily, "gatewayd_plugin_given_up", "Readings given up after max_attempts (result error)",
+     lambda r: r.errors),
+    (CounterMetricFamily, "gatewayd_plugin_degraded",
+     "Readings answered by the degraded fallback (result degraded, not processed)",
+     lambda r: r.results.get("degraded", 0)),
+)  # fmt: skip

@@ -19,7 +19,7 @@ import random
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,13 +80,20 @@ class Worker:
         self.proc = proc
 
     @classmethod
-    async def start(cls, threads: int = 1) -> Worker:
+    async def start(cls, threads: int = 1, env: Mapping[str, str] | None = None) -> Worker:
+        """A worker process; ``env`` is added to its environment (e.g. ``[models]``' signature policy)."""
         # Native libraries size their own pools from these; keep them to the worker's share.
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads)}
+        environment = {
+            **os.environ,
+            **(env or {}),
+            "OMP_NUM_THREADS": str(threads),
+            "OPENBLAS_NUM_THREADS": str(threads),
+        }
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "gatewayd.worker",
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=MAX_FRAME, env=env,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=MAX_FRAME,
+                env=environment,
             )  # fmt: skip
         except OSError as e:  # out of processes or memory: back off like any other failure
             raise WorkerFailed(f"cannot start worker: {e}") from None
@@ -197,8 +204,10 @@ class PluginRunner:
         fallback_target: str | None = None,
         on_state: Callable[[PluginRunner], None] = lambda r: None,
         on_batch: Callable[[str, int, float], None] | None = None,
+        worker_env: Mapping[str, str] | None = None,
     ) -> None:
         self.cfg = cfg
+        self.worker_env = worker_env
         self.queue = queue
         self.store = store
         self.slots = slots
@@ -307,7 +316,7 @@ class PluginRunner:
             started = time.monotonic()
             try:
                 self._set(inst, State.LOADING)
-                inst.worker = await Worker.start(self.cfg.threads or self.threads)
+                inst.worker = await Worker.start(self.cfg.threads or self.threads, self.worker_env)
                 inst.pid = inst.worker.proc.pid
                 info = await inst.worker.load(
                     inst.target, inst.options, self.cfg.threads or self.threads, self.cfg.load_timeout_s,

@@ -131,10 +131,8 @@ class ModelStore:
         prev = self.previous(plugin)
         if prev is None:
             raise UpdateError("rollback", "no previous bundle to roll back to")
-        failed = self.current(plugin)
         self._link(plugin, CURRENT, prev.name)
-        if failed is not None:
-            (self.root / plugin / PREVIOUS).unlink()
+        (self.root / plugin / PREVIOUS).unlink()
         return prev
 
     def prune(self, plugin: str) -> list[str]:
@@ -192,10 +190,11 @@ async def handle_update(
         step("refused", error=str(e))
         return False
     step("verified", bundle_name=m.name, version=m.version)
-    step("installed", path=str(store.root / cmd.plugin / m.version))
+    folder = store.root / cmd.plugin / m.version
+    step("installed", path=str(folder))
     old = store.activate(cmd.plugin, m.version)
     try:
-        await restart(cmd.plugin, store.root / cmd.plugin / m.version)
+        await restart(cmd.plugin, folder)
     except Exception as e:  # whatever the workers' failure, the answer is to go back
         step("load_failed", version=m.version, error=str(e))
         if old is None:

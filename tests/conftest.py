@@ -8,6 +8,8 @@ import json
 import os
 import socket
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -130,6 +132,40 @@ async def running(cfg: Config) -> AsyncIterator[App]:
     finally:
         app.request_stop("test end")
         assert await asyncio.wait_for(task, 30) == 0
+
+
+def gatewayd_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m gatewayd.cli ARGS`` in a child process, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "gatewayd.cli", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def logged(caplog: pytest.LogCaptureFixture, event: str, **fields: Any) -> list[dict[str, Any]]:
+    """The structlog events named ``event`` (with these ``fields``) that ``caplog`` saw."""
+    return [
+        r.msg
+        for r in caplog.records
+        if isinstance(r.msg, dict)
+        and r.msg.get("event") == event
+        and all(r.msg.get(k) == v for k, v in fields.items())
+    ]
+
+
+async def send_datagram(
+    port: int, datagram: bytes, sock: socket.socket | None = None, timeout: float = 5.0
+) -> bytes:
+    """Send one datagram to 127.0.0.1:``port`` from ``sock`` (or a new socket) and return the first answer."""
+    loop = asyncio.get_running_loop()
+    own = sock is None
+    s = sock or socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.setblocking(False)
+        await loop.sock_sendto(s, datagram, ("127.0.0.1", port))
+        return await asyncio.wait_for(loop.sock_recv(s, 2048), timeout)
+    finally:
+        if own:
+            s.close()
 
 
 @pytest.fixture

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import gatewayd
 from gatewayd import cli
+from gatewayd import convert as conv
 from gatewayd.bundle import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -60,7 +58,7 @@ def test_written_manifest_lists_every_file_and_verifies(tmp_path: Path) -> None:
     m = make_bundle(b)
     assert list(m.files) == ["genai_config.json", "model.onnx", "model.onnx.data", "tok/tokenizer.json"]
     assert m.files["model.onnx.data"].size == 1 << 20
-    assert m.total_size == sum(f.size for f in m.files.values())
+    assert m.total_size == 1000 + (1 << 20) + 31 + 3  # the four files' bytes
     assert m.format_version == FORMAT_VERSION and m.created.endswith("Z") and m.input_schema == SCHEMA
     text = (b / MANIFEST_NAME).read_text()
     assert text.endswith("}\n") and text == json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"
@@ -204,22 +202,22 @@ def test_cli_bundle_then_verify_then_tamper(tmp_path: Path, capsys: pytest.Captu
 def test_cli_convert_bundles_what_the_converter_wrote(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The converter (stubbed: torch is slow) writes OUT; the CLI adds a manifest with the precision."""
+    """The converter's refusal and a missing 'models' extra exit 2 with the reason on stderr; what it
+    wrote (stubbed: torch is slow) gets a manifest with the precision."""
+    none = tmp_path / "none"
+    assert cli.main(["models", "convert", str(none), str(tmp_path / "o"), "--precision", "fp32"]) == 2
+    assert capsys.readouterr().err == f"gatewayd models convert: checkpoint {none}: not a directory\n"
+
     calls: list[tuple[Path, Path, str]] = []
 
     def fake_convert(checkpoint: Path, out: Path, precision: str) -> Path:
         calls.append((checkpoint, out, precision))
-        if not checkpoint.exists():
-            raise ValueError(f"{checkpoint}: no config.json")
         out.mkdir()
         (out / "model.onnx").write_bytes(b"m")
         (out / "genai_config.json").write_text("{}")
         return out
 
-    fake = types.ModuleType("gatewayd.convert")
-    fake.convert = fake_convert  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "gatewayd.convert", fake)
-    monkeypatch.setattr(gatewayd, "convert", fake, raising=False)
+    monkeypatch.setattr(conv, "convert", fake_convert)
     out = tmp_path / "glm-int4"
     assert cli.main(["models", "convert", str(tmp_path), str(out), "--precision", "int4"]) == 0
     assert calls == [(tmp_path, out, "int4")]
@@ -227,6 +225,9 @@ def test_cli_convert_bundles_what_the_converter_wrote(
     assert (m.name, m.version, m.kind, m.quantization) == ("glm-int4", "1.0.0", "onnxruntime-genai", "int4")
     assert "2 files" in capsys.readouterr().out
 
-    rc = cli.main(["models", "convert", str(tmp_path / "none"), str(tmp_path / "o2"), "--precision", "fp32"])
-    assert rc == 2
-    assert capsys.readouterr().err == f"gatewayd models convert: {tmp_path / 'none'}: no config.json\n"
+    def without_genai(checkpoint: Path, out: Path, precision: str) -> Path:
+        raise ModuleNotFoundError("No module named 'onnxruntime_genai'")
+
+    monkeypatch.setattr(conv, "convert", without_genai)
+    assert cli.main(["models", "convert", str(tmp_path), str(tmp_path / "o"), "--precision", "fp32"]) == 2
+    assert "gatewayd models convert: needs the 'models' extra" in capsys.readouterr().err

@@ -17,7 +17,7 @@ import aiocoap
 import cbor2
 import pytest
 from aiocoap.numbers import codes
-from conftest import collect, make_config, post, running
+from conftest import collect, gatewayd_cli, make_config, post, running
 
 from gatewayd.testing import Mosquitto
 
@@ -250,30 +250,15 @@ def test_check_config_names_file_line_and_key(tmp_path: Path) -> None:
     bad.write_text(
         '[gateway]\nid = "gw1"\n\n[coap]\nport = "five"\n\n[[plugins]]\nname = "a"\nplugin = "x"\nbogus = 1\n'
     )
-    out = subprocess.run(
-        [sys.executable, "-m", "gatewayd.cli", "check-config", str(bad)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = gatewayd_cli("check-config", str(bad))
     assert out.returncode == 2
     assert f"{bad}:5: coap.port:" in out.stderr and f"{bad}:10: plugins.0.bogus: Extra inputs" in out.stderr
     broken = tmp_path / "broken.toml"
     broken.write_text("[gateway\n")
-    out = subprocess.run(
-        [sys.executable, "-m", "gatewayd.cli", "run", "--config", str(broken)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = gatewayd_cli("run", "--config", str(broken))
     assert out.returncode == 2 and "invalid TOML" in out.stderr and "line 1" in out.stderr
     good = Path(__file__).parents[1] / "examples" / "gatewayd.toml"
-    out = subprocess.run(
-        [sys.executable, "-m", "gatewayd.cli", "check-config", str(good)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = gatewayd_cli("check-config", str(good))
     assert out.returncode == 0, out.stderr
 
 

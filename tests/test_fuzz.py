@@ -27,7 +27,7 @@ import pytest
 from aiocoap.numbers import codes
 from aiocoap.optiontypes import OpaqueOption
 from coapfuzz import Fuzzer, encode
-from conftest import make_config, post, running
+from conftest import make_config, post, running, send_datagram
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -186,20 +186,6 @@ def test_codec_fuzz_any_cbor_with_tags() -> None:
 # --- CoAP: unknown critical options, bad UTF-8, block-wise gaps --------------------------------------
 
 
-async def _raw(port: int, datagram: bytes, sock: socket.socket | None = None, timeout: float = 5.0) -> bytes:
-    """Send one datagram from ``sock`` (or a new socket) and return the first answer."""
-    loop = asyncio.get_running_loop()
-    own = sock is None
-    s = sock or socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        s.setblocking(False)
-        await loop.sock_sendto(s, datagram, ("127.0.0.1", port))
-        return await asyncio.wait_for(loop.sock_recv(s, 2048), timeout)
-    finally:
-        if own:
-            s.close()
-
-
 def _answer(data: bytes) -> tuple[str, bytes]:
     msg = aiocoap.Message.decode(data)
     return str(msg.code), msg.payload
@@ -230,14 +216,14 @@ async def test_unknown_critical_option_is_4_02(
         elective.opt.add_option(OpaqueOption(2048, b"x"))
         assert (await asyncio.wait_for(coap_client.request(elective).response, 30)).code == codes.CHANGED
         # Raw: a NON request gets a NON 4.02; If-None-Match (no conditional requests here) too.
-        non = await _raw(port, encode(1, 2, 7, b"tk", [*POST_OPTS, (65001, b"")], BODY))
+        non = await send_datagram(port, encode(1, 2, 7, b"tk", [*POST_OPTS, (65001, b"")], BODY))
         assert non[0] >> 4 & 3 == 1 and _answer(non) == (
             "4.02 Bad Option",
             b"critical option 65001 not supported",
         )
-        cond = await _raw(port, encode(0, 2, 8, b"tk", [(5, b""), *POST_OPTS], BODY))
+        cond = await send_datagram(port, encode(0, 2, 8, b"tk", [(5, b""), *POST_OPTS], BODY))
         assert _answer(cond) == ("4.02 Bad Option", b"critical option If-None-Match (5) not supported")
-        proxy = await _raw(port, encode(0, 1, 9, b"tk", [(35, b"coap://example.org/x")]))
+        proxy = await send_datagram(port, encode(0, 1, 9, b"tk", [(35, b"coap://example.org/x")]))
         assert _answer(proxy)[0] == "5.05 Proxying Not Supported"
 
 
@@ -249,12 +235,12 @@ async def test_path_not_utf8_is_4_02_without_traceback(
     async with running(cfg):
         port = cfg.coap.port
         with caplog.at_level(logging.DEBUG):
-            path = await _raw(
+            path = await send_datagram(
                 port, encode(0, 2, 1, b"t1", [(11, b"s"), (11, b"\xff\xfe"), (12, b"\x3c")], BODY)
             )
-            query = await _raw(port, encode(1, 2, 2, b"t2", [*POST_OPTS, (15, b"a=\xc3\x28")], BODY))
+            query = await send_datagram(port, encode(1, 2, 2, b"t2", [*POST_OPTS, (15, b"a=\xc3\x28")], BODY))
             # Elective Location-Path (not UTF-8) is ignored, as an unrecognised elective option is.
-            loc = await _raw(port, encode(0, 2, 3, b"t3", [(8, b"\xff"), *POST_OPTS], BODY))
+            loc = await send_datagram(port, encode(0, 2, 3, b"t3", [(8, b"\xff"), *POST_OPTS], BODY))
     assert _answer(path) == ("4.02 Bad Option", b"critical option Uri-Path (11): value is not valid UTF-8")
     assert _answer(query)[0] == "4.02 Bad Option" and b"Uri-Query (15)" in _answer(query)[1]
     assert _answer(loc)[0] == "2.04 Changed"
@@ -274,13 +260,16 @@ async def test_blockwise_gap_is_4_08(tmp_path: Path, broker: Mosquitto) -> None:
     async with running(cfg):
         port = cfg.coap.port
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            assert _answer(await _raw(port, block(1, 1, True), s))[0] == "4.08 Request Entity Incomplete"
-            assert _answer(await _raw(port, block(2, 0, True), s))[0] == "2.31 Continue"
-            gap = _answer(await _raw(port, block(3, 2, True), s))
+            assert (
+                _answer(await send_datagram(port, block(1, 1, True), s))[0]
+                == "4.08 Request Entity Incomplete"
+            )
+            assert _answer(await send_datagram(port, block(2, 0, True), s))[0] == "2.31 Continue"
+            gap = _answer(await send_datagram(port, block(3, 2, True), s))
             assert gap[0] == "4.08 Request Entity Incomplete"
             assert gap[1] == b"block 2 (byte 64) does not continue the upload; start again at block 0"
             for mid, num in enumerate(range(4), start=4):  # the client starts again from block 0
-                code, _ = _answer(await _raw(port, block(mid, num, num < 3), s))
+                code, _ = _answer(await send_datagram(port, block(mid, num, num < 3), s))
             assert code == "2.04 Changed"
 
 

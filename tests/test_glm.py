@@ -14,6 +14,7 @@ from aiocoap.numbers import codes
 from conftest import collect, make_config, post, running
 from gatewayd_glm.plugin import GlmPlugin
 
+from gatewayd.bundle import generate_keypair, sign_bundle
 from gatewayd.testing import Mosquitto, reading, run_plugin
 
 #: Orders and commands the shipped model must get right (none of them in its training set).
@@ -35,12 +36,7 @@ KNOWN: dict[str, tuple[str, dict[str, Any]]] = {
 }  # fmt: skip
 
 
-# The shipped bundle comes from plugins/glm/make_model.py; until one is committed (issue 4 is open)
-# these tests say so as a skip instead of failing on a missing folder.
-pytestmark = pytest.mark.skipif(
-    not (GlmPlugin({}).bundle / "manifest.json").exists(),
-    reason="no shipped GLM bundle yet (plugins/glm/make_model.py has not produced one)",
-)
+# The shipped bundle comes from plugins/glm/make_model.py; these tests fail (not skip) without it.
 
 
 def bundle_copy(tmp_path: Path) -> Path:
@@ -94,9 +90,8 @@ async def test_orders_become_intents_and_bad_text_gets_clear_results(
     assert results["bad-type"]["error"] == "field 'text' is a int, not a text string"
     assert results["bad-bytes"]["error"] == "field 'text' is a bytes, not a text string"
     assert results["bad-empty"]["error"] == "empty text"
-    assert results["bad-long"]["error"].startswith("text too long:") and "> max_input_tokens 48" in (
-        results["bad-long"]["error"]
-    )
+    too_long = results["bad-long"]["error"]
+    assert too_long.startswith("text too long:") and "> max_input_tokens 48" in too_long
     assert all("intent" not in results[n] for n in bad)
 
 
@@ -126,6 +121,30 @@ async def test_tampered_bundle_is_refused_at_load_with_a_clear_log_line(
     assert "model bundle refused" in detail and weights.name in detail and "sha256 mismatch" in detail
     refusals = [r for r in caplog.records if "model bundle refused" in r.getMessage()]
     assert refusals and weights.name in refusals[0].getMessage()
+
+
+async def test_the_gateways_signature_policy_reaches_the_plugin_workers(
+    tmp_path: Path, broker: Mosquitto, coap_client: aiocoap.Context
+) -> None:
+    """With a trusted key in [models], the daemon's worker refuses the unsigned bundle; the same
+    bundle signed with that key loads and answers."""
+    unsigned, signed = bundle_copy(tmp_path), Path(shutil.copytree(GlmPlugin({}).bundle, tmp_path / "signed"))
+    private, public = generate_keypair(tmp_path / "keys", "vendor")
+    sign_bundle(signed, private)
+    plugins = [
+        {"name": name, "plugin": "glm", "options": {"bundle": str(folder)}, "match": {"nodes": [f"{name}-*"]},
+         "backoff_initial_s": 0.2}
+        for name, folder in (("unsigned", unsigned), ("signed", signed))
+    ]  # fmt: skip
+    cfg = make_config(tmp_path, broker.port, models={"trusted_keys": [str(public)]}, plugins=plugins)
+    async with collect(broker.port) as got, running(cfg):
+        await got.wait(lambda g: any(m["state"] == "backoff" for m in g.json("status/plugins/unsigned")))
+        resp = await post(coap_client, cfg.coap.port, "signed-1", cbor2.dumps({"text": KNOWN["kiosk-zh"][0]}))
+        await got.wait(lambda g: g.json("results/signed/"), timeout=60)
+        detail = " ".join(m["detail"] for m in got.json("status/plugins/unsigned"))
+    assert resp.code == codes.CHANGED
+    assert "not signed and this gateway requires a signature" in detail
+    assert got.json("results/signed/")[0]["intent"] == KNOWN["kiosk-zh"][1]
 
 
 def test_plugin_options_are_checked_with_clear_errors(tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ import os
 import shutil
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import aiocoap
 import cbor2
 import pytest
 from aiocoap import numbers
-from conftest import collect, make_config, post, running
+from conftest import collect, gatewayd_cli, logged, make_config, post, running
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -106,9 +105,6 @@ class CA:
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
             )
         )
-        # The broker may drop root for the "mosquitto" user: let it read its files (test keys only).
-        for p in (pair.cert, pair.key):
-            p.chmod(0o644)
         return pair
 
 
@@ -125,28 +121,26 @@ class Pki:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     d = tmp_path_factory.mktemp("pki")
-    d.chmod(0o755)
     ca = CA(d, "good")
     passwords = d / "passwd"
     for i, (user, pw) in enumerate((("gw1", GW_PASSWORD), ("sub", SUB_PASSWORD))):
         args = [PASSWD, "-b", *(["-c"] if i == 0 else []), str(passwords), user, pw]
         subprocess.run(args, check=True, capture_output=True, timeout=30)
-    passwords.chmod(0o644)
     return Pki(d, ca, ca.issue("broker", server=True), ca.issue("gw1", server=False),
                ca.issue("sub", server=False), passwords)  # fmt: skip
 
 
-def tls_broker(pki: Pki, server: Pair, *, client_cert: bool, passwords: bool = True) -> Mosquitto:
+def tls_broker(pki: Pki, server: Pair, *, client_cert: bool) -> Mosquitto:
     conf = [
         f"cafile {pki.ca.file}",
         f"certfile {server.cert}",
         f"keyfile {server.key}",
         "tls_version tlsv1.2",
+        f"password_file {pki.passwords}",
+        "allow_anonymous false",
     ]
     if client_cert:
         conf.append("require_certificate true")
-    if passwords:
-        conf += [f"password_file {pki.passwords}", "allow_anonymous false"]
     return Mosquitto(extra_conf=conf)
 
 
@@ -161,10 +155,6 @@ def secret(path: Path, text: str) -> Path:
     path.write_text(text + "\n")
     path.chmod(0o600)
     return path
-
-
-def events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, Any]]:
-    return [r.msg for r in caplog.records if isinstance(r.msg, dict) and r.msg.get("event") == name]
 
 
 def broker_log(b: Mosquitto) -> str:
@@ -206,7 +196,7 @@ async def test_tls_password_and_client_certificate_deliver(
             await got.wait(lambda g: any(p == b"online" for t, p, _ in g.messages if t.endswith("/status")))
         assert got.json("readings/pump-1")[0]["fields"] == {"temperature": 21.5}
         seen_by_broker = broker_log(broker)
-    connected = events(caplog, "mqtt_connected")
+    connected = logged(caplog, "mqtt_connected")
     assert connected and connected[0]["tls"] is True and connected[0]["username"] == "gw1"
     assert GW_PASSWORD not in caplog.text and GW_PASSWORD not in repr(cfg) and GW_PASSWORD not in str(cfg)
     assert "New client connected" in seen_by_broker and "u'gw1'" in seen_by_broker
@@ -233,13 +223,13 @@ async def test_wrong_password_is_logged_kept_and_delivered_once_fixed(
             )
             with caplog.at_level(logging.INFO):
                 async with running(cfg) as app:
-                    await wait_for(lambda: len(events(caplog, "mqtt_not_authorised")) >= 2)
+                    await wait_for(lambda: len(logged(caplog, "mqtt_not_authorised")) >= 2)
                     await post_one(coap_client, cfg.coap.port, "pump-2", vibration=0.3)
                     assert app.store.outbox_count >= 1 and not app.publisher.connected
-            refused = events(caplog, "mqtt_not_authorised")
+            refused = logged(caplog, "mqtt_not_authorised")
             assert all(e["level"] == "error" for e in refused)
             assert "not authori" in refused[0]["error"].lower() or "bad user" in refused[0]["error"].lower()
-            assert not got.json("readings/pump-2") and not events(caplog, "mqtt_connected")
+            assert not got.json("readings/pump-2") and not logged(caplog, "mqtt_connected")
 
             creds = tmp_path / "creds"
             creds.mkdir()
@@ -274,13 +264,13 @@ async def test_unverifiable_broker_is_refused_and_nothing_is_sent(
             mqtt={"username": "gw1", "password_file": str(pw), "tls": tls, "drain_timeout_s": 0.5},
         )
         async with running(cfg) as app:
-            await wait_for(lambda: len(events(caplog, "mqtt_tls_failed")) >= 2)
+            await wait_for(lambda: len(logged(caplog, "mqtt_tls_failed")) >= 2)
             await post_one(coap_client, cfg.coap.port, "pump-3", temperature=1.0)
             assert app.store.outbox_count >= 1 and not app.publisher.connected
         seen_by_broker = broker_log(broker)
-    failed = events(caplog, "mqtt_tls_failed")
+    failed = logged(caplog, "mqtt_tls_failed")
     assert reason in failed[0]["error"].lower() and failed[0]["level"] == "error", failed[0]
-    assert not events(caplog, "mqtt_connected")
+    assert not logged(caplog, "mqtt_connected")
     assert "New client connected" not in seen_by_broker and "CONNECT" not in seen_by_broker
 
 
@@ -290,12 +280,7 @@ def test_password_in_the_toml_is_refused_with_file_line_and_key(tmp_path: Path) 
     conf.write_text(
         '[gateway]\nid = "gw1"\n\n[mqtt]\nhost = "broker"\nusername = "gw1"\npassword = "hunter2"\n'
     )
-    out = subprocess.run(
-        [sys.executable, "-m", "gatewayd.cli", "check-config", str(conf)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = gatewayd_cli("check-config", str(conf))
     assert out.returncode == 2
     assert f"{conf}:7: mqtt.password: " in out.stderr and "password_file" in out.stderr, out.stderr
     assert "password_credential" in out.stderr and "hunter2" not in out.stderr + out.stdout

@@ -25,7 +25,7 @@ import cbor2
 import pytest
 from aiocoap import oscore
 from aiocoap.numbers import codes
-from conftest import collect, make_config, post, running, udp_port
+from conftest import collect, logged, make_config, post, running, send_datagram, udp_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from gatewayd import cli, config, credentials, simulator
@@ -117,29 +117,24 @@ def with_mid(datagram: bytes, mid: int) -> bytes:
     return datagram[:2] + mid.to_bytes(2, "big") + datagram[4:]
 
 
-async def send_raw(port: int, datagram: bytes, timeout: float = 10.0) -> aiocoap.Message:
+async def send_raw(port: int, datagram: bytes) -> aiocoap.Message:
     """Send one datagram to gatewayd from a fresh socket and decode the answer."""
-    loop = asyncio.get_running_loop()
-    answer: asyncio.Future[bytes] = loop.create_future()
-
-    def received(data: bytes, _addr: Any) -> None:
-        if not answer.done():
-            answer.set_result(data)
-
-    transport, _ = await loop.create_datagram_endpoint(
-        lambda: _Hop(received), remote_addr=("127.0.0.1", port)
-    )
-    try:
-        transport.sendto(datagram)
-        return aiocoap.Message.decode(await asyncio.wait_for(answer, timeout))
-    finally:
-        transport.close()
+    return aiocoap.Message.decode(await send_datagram(port, datagram, timeout=10.0))
 
 
-def refusals(port: int) -> dict[tuple[str, str], float]:
-    """gatewayd_requests_refused_total by (code, reason), scraped from the metrics endpoint."""
+def metrics_on() -> dict[str, Any]:
+    return {"enabled": True, "port": free_port()}
+
+
+def _scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
+        text: str = resp.read().decode()
+    return text
+
+
+async def refusals(port: int) -> dict[tuple[str, str], float]:
+    """gatewayd_requests_refused_total by (code, reason), scraped from the metrics endpoint."""
+    text = await asyncio.to_thread(_scrape, port)
     return {
         (s.labels["code"], s.labels["reason"]): s.value
         for fam in text_string_to_metric_families(text)
@@ -147,13 +142,6 @@ def refusals(port: int) -> dict[tuple[str, str], float]:
         for s in fam.samples
         if s.name.endswith("_total")
     }
-
-
-def refused_logged(caplog: pytest.LogCaptureFixture, reason: str) -> bool:
-    return any(
-        isinstance(r.msg, dict) and r.msg.get("event") == "request_refused" and r.msg.get("reason") == reason
-        for r in caplog.records
-    )
 
 
 async def test_provisioned_node_posts_through_oscore(tmp_path: Path, broker: Mosquitto) -> None:
@@ -195,10 +183,7 @@ async def test_posting_as_another_node_is_forbidden(
     """Node A's context posting to /s/B: 4.03 naming both, nothing stored, counted and logged."""
     a = credentials.provision("node-a", tmp_path / "oscore")
     credentials.provision("node-b", tmp_path / "oscore")
-    metrics_port = free_port()
-    cfg = make_config(
-        tmp_path, broker.port, security=secured(a), metrics={"enabled": True, "port": metrics_port}
-    )
+    cfg = make_config(tmp_path, broker.port, security=secured(a), metrics=metrics_on())
     async with collect(broker.port) as got, running(cfg), oscore_client(a) as ctx:
         resp = await post(ctx, cfg.coap.port, "node-b", cbor2.dumps(PUMP))
         assert resp.code == codes.FORBIDDEN
@@ -207,9 +192,9 @@ async def test_posting_as_another_node_is_forbidden(
         assert ok.code == codes.CHANGED
         await got.wait(lambda g: bool(g.json("readings/node-a")))
         assert not got.json("readings/node-b")
-        counts = await asyncio.to_thread(refusals, metrics_port)
+        counts = await refusals(cfg.metrics.port)
     assert counts[("4.03", "wrong_node")] == 1
-    assert refused_logged(caplog, "wrong_node")
+    assert logged(caplog, "request_refused", reason="wrong_node")
 
 
 async def test_replayed_message_is_rejected(
@@ -219,10 +204,7 @@ async def test_replayed_message_is_rejected(
     and the reading is stored once. The same datagram again from the same socket is a CoAP duplicate:
     answered from the duplicate cache, not processed again."""
     prov = credentials.provision("pump-1", tmp_path / "oscore")
-    metrics_port = free_port()
-    cfg = make_config(
-        tmp_path, broker.port, security=secured(prov), metrics={"enabled": True, "port": metrics_port}
-    )
+    cfg = make_config(tmp_path, broker.port, security=secured(prov), metrics=metrics_on())
     relay = await Relay().start(cfg.coap.port)
     try:
         async with collect(broker.port) as got, running(cfg), oscore_client(prov) as ctx:
@@ -237,10 +219,10 @@ async def test_replayed_message_is_rejected(
             await asyncio.sleep(0.3)
             await got.wait(lambda g: bool(g.json("readings/pump-1")))
             await asyncio.sleep(0.5)  # a second reading would be published by now
-            counts = await asyncio.to_thread(refusals, metrics_port)
+            counts = await refusals(cfg.metrics.port)
         assert len(got.json("readings/pump-1")) == 1
         assert counts[("4.01", "oscore_replay")] == 2
-        assert refused_logged(caplog, "oscore_replay")
+        assert logged(caplog, "request_refused", reason="oscore_replay")
     finally:
         relay.close()
 
@@ -250,9 +232,8 @@ async def test_unprotected_post_is_refused(
 ) -> None:
     """Without OSCORE under "refuse" (the built-in default): 4.01 with a diagnostic, counted, logged."""
     prov = credentials.provision("pump-1", tmp_path / "oscore")
-    metrics_port = free_port()
     sec = {"oscore_credentials": str(prov.gateway_map)}  # unauthenticated left at its default
-    cfg = make_config(tmp_path, broker.port, metrics={"enabled": True, "port": metrics_port})
+    cfg = make_config(tmp_path, broker.port, metrics=metrics_on())
     cfg = cfg.model_copy(update={"security": config.SecurityConfig(**sec)})
     assert cfg.security.unauthenticated == "refuse"
     async with running(cfg):
@@ -262,9 +243,9 @@ async def test_unprotected_post_is_refused(
         # Discovery stays open; only posting readings needs an identity.
         wkc = aiocoap.Message(code=aiocoap.GET, uri=f"coap://127.0.0.1:{cfg.coap.port}/.well-known/core")
         assert (await asyncio.wait_for(coap_client.request(wkc).response, 30)).code == codes.CONTENT
-        counts = await asyncio.to_thread(refusals, metrics_port)
+        counts = await refusals(cfg.metrics.port)
     assert counts[("4.01", "unauthenticated")] == 1
-    assert refused_logged(caplog, "unauthenticated")
+    assert logged(caplog, "request_refused", reason="unauthenticated")
 
 
 async def test_allow_listed_nodes_post_unprotected_from_trusted_networks(
@@ -303,10 +284,7 @@ async def test_unknown_and_wrong_keys_are_refused(tmp_path: Path, broker: Mosqui
     same_id = credentials.provision("pump-1", rogue)  # recipient ID 01 again, another secret
     credentials.provision("x", rogue)
     unknown_id = credentials.provision("pump-9", rogue)  # ID 03: not on this gateway
-    metrics_port = free_port()
-    cfg = make_config(
-        tmp_path, broker.port, security=secured(prov), metrics={"enabled": True, "port": metrics_port}
-    )
+    cfg = make_config(tmp_path, broker.port, security=secured(prov), metrics=metrics_on())
     async with running(cfg):
         # The answers are unprotected (there is no context to protect them with): aiocoap's client
         # raises, with the answer attached.
@@ -320,7 +298,7 @@ async def test_unknown_and_wrong_keys_are_refused(tmp_path: Path, broker: Mosqui
                 await post(ctx, cfg.coap.port, "pump-1", cbor2.dumps(PUMP))
             resp = e.value.plain_message
             assert (resp.code, resp.payload) == (codes.BAD_REQUEST, b"Decryption failed")
-        counts = await asyncio.to_thread(refusals, metrics_port)
+        counts = await refusals(cfg.metrics.port)
     assert counts[("4.01", "oscore_unknown_context")] == 1
     assert counts[("4.00", "oscore_invalid")] == 1
 
@@ -426,7 +404,7 @@ async def test_killed_gatewayd_still_rejects_replays(tmp_path: Path, broker: Mos
             replay = await send_raw(port, with_mid(old, 99))
             # Protected (outer code 2.04, RFC 8613 §4.2): the 4.01 + Echo inside, counted as oscore_echo.
             assert replay.opt.oscore is not None and replay.payload
-            counts = await asyncio.to_thread(refusals, metrics_port)
+            counts = await refusals(metrics_port)
             assert counts[("4.01", "oscore_echo")] == 1
             assert (await post(ctx, relay.port, "pump-1", cbor2.dumps({"i": 2}))).code == codes.CHANGED
             again = await send_raw(port, with_mid(old, 100))
@@ -437,7 +415,7 @@ async def test_killed_gatewayd_still_rejects_replays(tmp_path: Path, broker: Mos
         # an accepted replay would be a new reading, with a new id.
         stored = {m["id"]: m["fields"]["i"] for m in got.json("readings/pump-1")}
         assert sorted(stored.values()) == [0, 1, 2]
-        assert (await asyncio.to_thread(refusals, metrics_port))[("4.01", "oscore_echo")] == 2
+        assert (await refusals(metrics_port))[("4.01", "oscore_echo")] == 2
     finally:
         relay.close()
         if proc.poll() is None:
@@ -584,9 +562,8 @@ async def test_garbage_oscore_requests_get_4xx(tmp_path: Path, broker: Mosquitto
             assert answer.code.is_response() and 128 <= int(answer.code) < 160, (option, body, answer)
         async with oscore_client(prov) as ctx:
             assert (await post(ctx, cfg.coap.port, "pump-1", cbor2.dumps(PUMP))).code == codes.CHANGED
-    for (
-        handler
-    ) in logging.getLogger().handlers:  # the "suppressed N" line now, not at exit into a closed capture
+    # The "suppressed N" line now, not at exit into a closed capture.
+    for handler in logging.getLogger().handlers:
         for f in handler.filters:
             if isinstance(f, gatewayd_log.RateLimit):
                 f.flush()

@@ -81,7 +81,7 @@ def expand(group_or_call: str, analyze: str) -> set[str]:
         item = line.strip()
         if not item or item.startswith("#"):
             continue
-        calls |= expand(item, analyze) if item.startswith("@") else {item}
+        calls |= expand(item, analyze)
     return calls
 
 

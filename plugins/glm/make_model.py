@@ -22,14 +22,15 @@ What it does:
    sequences at a fraction of the cost. Curriculum: the first 30% of the steps without a system
    prompt, then the normal prompt, the strict retry prompt (a fifth) and no prompt (5%).
 4. Saves the Hugging Face checkpoint under ``--work`` and converts it with :func:`gatewayd.convert.convert`
-   to onnxruntime-genai folders in FP32 and INT8 (each checked against the torch logits).
+   to onnxruntime-genai folders in FP32 and INT8 (each checked against the torch logits), each a
+   bundle with its manifest (:func:`gatewayd.bundle.write_manifest`).
 5. Checks that onnxruntime-genai's tokenizer encodes and decodes like ``tokenizers``, then evaluates
-   both models with onnxruntime-genai greedy decoding on the held-out set, the way the plugin runs
-   them (system prompt prefilled once, ``rewind_to`` it per request): exact match of the parsed JSON,
-   schema validity, INT8 vs FP32 agreement, folder sizes, decode speed, prefix reuse vs a fresh
-   generator. Prints the figures.
-6. Copies the INT8 folder to ``gatewayd_glm/models/glm-intent-int8/`` and writes its manifest
-   (:func:`gatewayd.bundle.write_manifest`). The checkpoint and the FP32 build stay under ``--work``.
+   both bundles on the held-out set through the plugin itself (:mod:`gatewayd_glm.evaluation`: its
+   prefix-cached generator, limits and schema check; one greedy answer, no retry): exact match,
+   schema validity, INT8 vs FP32 agreement, folder sizes, decode speed (as the plugin publishes it),
+   prefix reuse vs a fresh generator. Prints the figures.
+6. Copies the INT8 bundle to ``gatewayd_glm/models/glm-intent-int8/``. The checkpoint and both
+   builds stay under ``--work`` (``bench_glm.py --fp32 WORK/fp32``).
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import onnxruntime_genai as og
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -58,7 +58,10 @@ sys.path.insert(0, str(HERE))  # gatewayd_glm without installing the plugin
 sys.path.insert(0, str(HERE.parent.parent))  # gatewayd from the source tree
 
 from gatewayd_glm import intents  # noqa: E402
+from gatewayd_glm.evaluation import HELDOUT_SEED, Scores, answer, evaluate, loaded  # noqa: E402
+from gatewayd_glm.plugin import GlmPlugin  # noqa: E402
 
+from gatewayd import bundle  # noqa: E402
 from gatewayd import convert as conv  # noqa: E402
 
 SEED = 20240611
@@ -69,7 +72,7 @@ DEFAULT_WORK = Path("/tmp/gatewayd-glm-work")
 #: BPE tokens (58 answer pieces come on top). The embedding stays FP32 in the INT8 build, so a small
 #: vocabulary keeps the INT8 folder small; it must not equal a projection width (gatewayd.convert).
 VOCAB_SIZE = 1152
-N_TRAIN, N_HELDOUT, HELDOUT_SEED = 60_000, 600, 7
+N_TRAIN, N_HELDOUT = 60_000, 600
 STRICT_FRACTION = 0.2  # of training steps (after the plain ones) under the strict retry prompt
 #: Curriculum: the first steps run with an empty system prompt. A 200-token prompt spreads the
 #: untrained model's attention thin over tokens that carry nothing, and learning to read the request
@@ -77,7 +80,6 @@ STRICT_FRACTION = 0.2  # of training steps (after the plain ones) under the stri
 PLAIN_FIRST = 0.3
 PLAIN_FRACTION = 0.05  # later steps that still run without a prompt
 MAX_POSITIONS = 512  # system prompt ~200 + request <= ~60 + answer <= 8 tokens, with room
-MAX_ANSWER_TOKENS = 24  # answers are 2-8 tokens with the end token
 
 
 #: The examples of the issue (the plugin's tests send some): all held out, printed with the figures.
@@ -175,9 +177,7 @@ def token_id(tok: Tokenizer, token: str) -> int:
     return int(found)
 
 
-def example_ids(
-    tok: Tokenizer, system: str, text: str, intent: intents.Intent
-) -> tuple[list[int], list[int]]:
+def example_ids(tok: Tokenizer, text: str, intent: intents.Intent) -> tuple[list[int], list[int]]:
     """(request ids, answer ids + eos) after the prefix, each part encoded on its own (the contract)."""
     eos = token_id(tok, intents.EOS)
     return encode(tok, intents.request_text(text)), [*encode(tok, intents.canonical(intent)), eos]
@@ -262,7 +262,7 @@ def train(
     prefixes = {
         name: torch.tensor([encode(tok, intents.prefix_text(system))]) for name, system in systems.items()
     }
-    rows = {name: [example_ids(tok, system, t, i) for t, i in data] for name, system in systems.items()}
+    rows = [example_ids(tok, t, i) for t, i in data]  # the same after any prefix
     plain_steps = round(steps * PLAIN_FIRST)
     pad = token_id(tok, intents.PAD)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
@@ -297,7 +297,7 @@ def train(
         if cursor + batch_size > len(order):
             rng.shuffle(order)
             cursor = 0
-        picked = [rows[name][k] for k in order[cursor : cursor + batch_size]]
+        picked = [rows[k] for k in order[cursor : cursor + batch_size]]
         cursor += batch_size
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = batch_loss(model, prefixes[name], make_batch(picked, pad))
@@ -318,82 +318,11 @@ def train(
 # --- evaluation with onnxruntime-genai -----------------------------------------------------------
 
 
-@dataclass
-class Answers:
-    texts: list[str]
-    tokens: list[int]  # generated tokens per answer (eos included)
-    decode_s: float  # time spent in generate_next_token after the first token, all answers
-    decode_tokens: int  # tokens generated in that time
-
-
-def og_answers(
-    model_dir: Path, texts: Sequence[str], system: str, max_new: int = MAX_ANSWER_TOKENS
-) -> Answers:
-    """Greedy answers the way the plugin makes them: the prefix prefilled once, rewound to per request."""
-    model = og.Model(str(model_dir))
-    tok = og.Tokenizer(model)
-    prefix = list(tok.encode(intents.prefix_text(system)))
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=MAX_POSITIONS)
-    gen = og.Generator(model, params)
-    gen.append_tokens(prefix)
-    out = Answers([], [], 0.0, 0)
-    for text in texts:
-        gen.rewind_to(len(prefix))
-        request = list(tok.encode(intents.request_text(text)))
-        gen.append_tokens(request)
-        new: list[int] = []
-        t0 = 0.0
-        while not gen.is_done() and len(new) < max_new:
-            gen.generate_next_token()
-            new.append(int(gen.get_next_tokens()[0]))
-            if len(new) == 1:
-                t0 = time.perf_counter()  # decode speed: tokens after the first
-        if len(new) > 1:
-            out.decode_s += time.perf_counter() - t0
-            out.decode_tokens += len(new) - 1
-        eos = model_eos(model_dir)
-        out.tokens.append(len(new))
-        out.texts.append(tok.decode([t for t in new if t != eos]))
-    return out
-
-
-def model_eos(model_dir: Path) -> int:
-    eos = json.loads((model_dir / "genai_config.json").read_text())["model"]["eos_token_id"]
-    return int(eos[0] if isinstance(eos, list) else eos)
-
-
-def fresh_answer(model_dir: Path, text: str, system: str) -> str:
-    """One answer from a new generator and a full prefill (to check prefix reuse against)."""
-    model = og.Model(str(model_dir))
-    tok = og.Tokenizer(model)
-    ids = list(tok.encode(intents.prefix_text(system))) + list(tok.encode(intents.request_text(text)))
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(ids) + MAX_ANSWER_TOKENS)
-    gen = og.Generator(model, params)
-    gen.append_tokens(ids)
-    new: list[int] = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        new.append(int(gen.get_next_tokens()[0]))
-    eos = model_eos(model_dir)
-    return str(tok.decode([t for t in new if t != eos]))
-
-
-def parse(answer: str) -> Any:
-    try:
-        return json.loads(answer)
-    except ValueError:
-        return None
-
-
-def score(answers: Sequence[str], expected: Sequence[intents.Intent]) -> tuple[float, float]:
-    """(exact match of the parsed JSON, schema validity), as fractions."""
-    validator = jsonschema.Draft202012Validator(intents.INTENT_SCHEMA)
-    parsed = [parse(a) for a in answers]
-    exact = sum(p == e for p, e in zip(parsed, expected, strict=True)) / len(expected)
-    valid = sum(p is not None and validator.is_valid(p) for p in parsed) / len(expected)
-    return exact, valid
+def shown(result: dict[str, Any]) -> str:
+    """A result as one line: the canonical intent, else the model's invalid text or the error."""
+    if "intent" in result:
+        return intents.canonical(result["intent"])
+    return str(result.get("raw", result.get("error")))
 
 
 def folder_bytes(folder: Path) -> int:
@@ -450,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     vocab = tok.get_vocab_size()
     n_prompt = len(encode(tok, intents.prefix_text(intents.SYSTEM_PROMPT)))
     n_strict = len(encode(tok, intents.prefix_text(intents.STRICT_PROMPT)))
-    lens = [sum(map(len, example_ids(tok, intents.SYSTEM_PROMPT, t, i))) for t, i in heldout]
+    lens = [sum(map(len, example_ids(tok, t, i))) for t, i in heldout]
     print(f"tokenizer: {vocab} tokens; system prompt {n_prompt} tokens, strict {n_strict}; "
           f"request+answer mean {statistics.fmean(lens):.1f}, max {max(lens)} tokens")  # fmt: skip
 
@@ -483,49 +412,50 @@ def main(argv: list[str] | None = None) -> int:
         print(f"convert {precision}: {time.perf_counter() - t0:.1f} s; vs torch logits max |diff| "
               f"{check.max_abs_diff:.2e} (scale {check.max_abs_logit:.1f}), "
               f"min cosine {check.min_cosine:.6f}, same argmax {check.same_argmax:.0%}")  # fmt: skip
+        # Each build is a bundle, so the plugin loads it (and bench_glm.py takes the FP32 one).
+        name = MODEL_NAME if precision == "int8" else f"glm-intent-{precision}"
+        bundle.write_manifest(builds[precision], name=name, version=BUNDLE_VERSION,
+                              kind="onnxruntime-genai", quantization=precision)  # fmt: skip
     samples = [t for t, _ in heldout[:200]] + [intents.canonical(i) for _, i in heldout[:200]]
     samples += [intents.prefix_text(intents.SYSTEM_PROMPT), intents.prefix_text(intents.STRICT_PROMPT)]
     samples += [intents.request_text(t) for t, _ in heldout[:50]]
     check_tokenizer(builds["int8"], tok, samples)
     print(f"tokenizer: onnxruntime-genai encodes and decodes {len(samples)} samples as tokenizers does")
 
-    texts = [t for t, _ in heldout]
-    expected = [i for _, i in heldout]
-    results: dict[str, Answers] = {}
+    # The plugin's own request path, one prompt and no retry: each figure is of one greedy answer.
+    plugins: dict[str, GlmPlugin] = {}
+    scores: dict[str, Scores] = {}
     for precision, folder in builds.items():
-        results[precision] = a = og_answers(folder, texts, intents.SYSTEM_PROMPT)
-        exact, valid = score(a.texts, expected)
-        strict = og_answers(folder, texts[:200], intents.STRICT_PROMPT)
-        s_exact, _ = score(strict.texts, expected[:200])
-        print(f"{precision}: held-out exact match {exact:.2%} ({len(texts)}), schema-valid {valid:.2%}, "
-              f"strict prompt {s_exact:.2%} (200); {folder_bytes(folder) / 1e6:.2f} MB; decode "
-              f"{a.decode_tokens / a.decode_s:.0f} tokens/s "
-              f"({1e3 * a.decode_s / a.decode_tokens:.2f} ms/token)")  # fmt: skip
-    agree = sum(x == y for x, y in zip(results["fp32"].texts, results["int8"].texts, strict=True)) / len(
-        texts
-    )
+        plugins[precision] = plugin = loaded(str(folder), args.threads, retry_invalid=False)
+        scores[precision] = sc = evaluate(plugin, heldout)
+        strict = loaded(str(folder), args.threads, retry_invalid=False, system_prompt=intents.STRICT_PROMPT)
+        s_exact = evaluate(strict, heldout[:200]).exact
+        print(f"{precision}: held-out exact match {sc.exact:.2%} ({len(heldout)}), schema-valid "
+              f"{sc.valid:.2%}, strict prompt {s_exact:.2%} (200); {folder_bytes(folder) / 1e6:.2f} MB; "
+              f"decode {sc.decode_tokens_per_s:.0f} tokens/s "
+              f"({1e3 / sc.decode_tokens_per_s:.2f} ms/token)")  # fmt: skip
+    int8 = scores["int8"].results
+    pairs = zip(scores["fp32"].results, int8, strict=True)
+    agree = sum(answer(a) == answer(b) for a, b in pairs) / len(heldout)
     ratio = folder_bytes(builds["fp32"]) / folder_bytes(builds["int8"])
     print(f"INT8 vs FP32: {agree:.2%} identical answers; {ratio:.2f}x smaller")
-    spot = og_answers(builds["int8"], [t for t, _ in SPOT_CHECKS], intents.SYSTEM_PROMPT).texts
-    for (t, intent), answer in zip(SPOT_CHECKS, spot, strict=True):
-        print(f"  {'ok  ' if parse(answer) == intent else 'MISS'} {t!r} -> {answer}")
-    fresh = [fresh_answer(builds["int8"], t, intents.SYSTEM_PROMPT) for t in texts[:20]]
-    same = fresh == results["int8"].texts[:20]
-    verdict = "same" if same else "DIFFERENT"
+    for (t, intent), r in zip(SPOT_CHECKS, evaluate(plugins["int8"], SPOT_CHECKS).results, strict=True):
+        print(f"  {'ok  ' if r.get('intent') == intent else 'MISS'} {t!r} -> {shown(r)}")
+    plugin = plugins["int8"]
+    fresh = []
+    for example in heldout[:20]:  # a new generator, and so a full prefill, for each request
+        plugin._generators["normal"] = plugin._generator(intents.SYSTEM_PROMPT)
+        fresh.append(answer(evaluate(plugin, [example]).results[0]))
+    verdict = "same" if fresh == [answer(r) for r in int8[:20]] else "DIFFERENT"
     print(f"prefix reuse (rewind_to) vs fresh generator: {verdict} answers on 20 requests")
-    triples = zip(texts, results["int8"].texts, expected, strict=True)
-    wrong = [(t, a, intents.canonical(e)) for t, a, e in triples if parse(a) != e]
-    for t, answer, want in wrong[:15]:
-        print(f"  miss: {t!r}\n     got  {answer}\n     want {want}")
+    wrong = [(t, r, e) for (t, e), r in zip(heldout, int8, strict=True) if r.get("intent") != e]
+    for t, r, want in wrong[:15]:
+        print(f"  miss: {t!r}\n     got  {shown(r)}\n     want {intents.canonical(want)}")
 
     if not args.no_bundle:
         out = args.out
         shutil.rmtree(out, ignore_errors=True)
-        shutil.copytree(builds["int8"], out)
-        from gatewayd import bundle
-
-        bundle.write_manifest(out, name=MODEL_NAME, version=BUNDLE_VERSION, kind="onnxruntime-genai",
-                              quantization="int8")  # fmt: skip
+        shutil.copytree(builds["int8"], out)  # with its manifest
         print(f"wrote {out} ({folder_bytes(out) / 1e6:.2f} MB)")
     print(f"total {time.perf_counter() - t_start:.0f} s")
     return 0

@@ -73,7 +73,8 @@ class Generation:
     text: str
     tokens_out: int
     ttft_ms: float
-    decode_ms: float
+    #: Decode steps after the first (the end token's included) per second; None for a one-step answer.
+    decode_tokens_per_s: float | None
     finished: bool  # reached the end-of-sequence token (not the output limit)
 
 
@@ -88,9 +89,10 @@ class PrefixCachedGenerator:
         self.prefix_len = len(prefix)
         self._eos = eos
 
-    def run(self, tokens: Sequence[int], max_new: int, deadline: float) -> tuple[list[int], float, bool]:
-        """(new tokens, seconds to the first one, finished) for ``tokens`` after the prefix.
+    def run(self, tokens: Sequence[int], max_new: int, deadline: float) -> tuple[list[int], float, bool, int]:
+        """(new tokens, seconds to the first one, finished, decode steps) for ``tokens`` after the prefix.
 
+        ``finished``: the end-of-sequence token came (it is not in the tokens, but is a step).
         Raises TimeoutError when ``deadline`` (a perf_counter time) passes first."""
         gen = self._gen
         start = time.perf_counter()
@@ -98,17 +100,19 @@ class PrefixCachedGenerator:
         gen.append_tokens(list(tokens))
         out: list[int] = []
         ttft = 0.0
+        steps = 0
         while not gen.is_done() and len(out) < max_new:
             if time.perf_counter() > deadline:
                 raise TimeoutError(f"deadline passed after {len(out)} output tokens")
             gen.generate_next_token()
-            token = int(gen.get_next_tokens()[0])
-            if not out:
+            steps += 1
+            if steps == 1:
                 ttft = time.perf_counter() - start
+            token = int(gen.get_next_tokens()[0])
             if token in self._eos:
-                return out, ttft, True
+                return out, ttft, True, steps
             out.append(token)
-        return out, ttft, gen.is_done()
+        return out, ttft, False, steps  # cut at max_new (or max_length): not a whole answer
 
 
 class GlmPlugin(Plugin):
@@ -167,7 +171,8 @@ class GlmPlugin(Plugin):
         assert self._model is not None and self._tokenizer is not None
         prefix = self._encode(intents.prefix_text(system_prompt))
         s = self.settings
-        # + 2: the request's "<|assistant|>" framing beyond its text; the answer's end token.
+        # The request (framing included) is at most max_input_tokens and the output, its end token
+        # included, at most max_output_tokens; + 8 is slack so that this length never stops a request.
         max_length = len(prefix) + s.max_input_tokens + s.max_output_tokens + 8
         eos = {int(t) for t in self._tokenizer.eos_token_ids}
         return PrefixCachedGenerator(self._model, prefix, max_length, eos)
@@ -217,10 +222,7 @@ class GlmPlugin(Plugin):
             figures = {
                 "tokens_out": gen.tokens_out,
                 "ttft_ms": round(gen.ttft_ms, 3),
-                # the first token is the prefill's; the rate is that of the tokens after it
-                "decode_tokens_per_s": (
-                    round((gen.tokens_out - 1) / gen.decode_ms * 1000, 1) if gen.tokens_out > 1 else None
-                ),
+                "decode_tokens_per_s": gen.decode_tokens_per_s,
                 "total_ms": round((time.perf_counter() - start) * 1000, 3),
                 "attempts": attempt,
             }
@@ -237,13 +239,13 @@ class GlmPlugin(Plugin):
             gen = self._generators[prompt] = self._generator(self.settings.strict_prompt)
         assert self._tokenizer is not None
         start = time.perf_counter()
-        tokens, ttft, finished = gen.run(request, self.settings.max_output_tokens, deadline)
-        elapsed = time.perf_counter() - start
+        tokens, ttft, finished, steps = gen.run(request, self.settings.max_output_tokens, deadline)
+        decode_s = time.perf_counter() - start - ttft  # the steps after the first: the prefill is in ttft
         return Generation(
             text=self._tokenizer.decode(tokens) if tokens else "",
             tokens_out=len(tokens),
             ttft_ms=ttft * 1000,
-            decode_ms=(elapsed - ttft) * 1000,
+            decode_tokens_per_s=round((steps - 1) / decode_s, 1) if steps > 1 and decode_s > 0 else None,
             finished=finished,
         )
 
