@@ -294,6 +294,13 @@ class FallbackConfig(_Strict):
     degraded: bool = False
 
 
+def _existing_cpu(cpu: int) -> int:
+    count = os.cpu_count() or 1
+    if not 0 <= cpu < count:
+        raise ValueError(f"CPU {cpu} does not exist here (CPUs 0-{count - 1})")
+    return cpu
+
+
 class PluginConfig(_Strict):
     name: Annotated[str, Field(pattern=_NAME)]
     #: An entry-point name in group gatewayd.plugins, or "module:Class".
@@ -306,6 +313,8 @@ class PluginConfig(_Strict):
     priority: Literal["high", "normal", "low"] = "normal"
     #: onnxruntime intra-op threads per worker; default: the runtime's threads per slot.
     threads: Annotated[int | None, Field(ge=1, le=256)] = None
+    #: CPUs its workers may run on (sched_setaffinity), e.g. to keep inference off the ingest's core.
+    cpus: list[Annotated[int, AfterValidator(_existing_cpu)]] | None = None
     max_batch: Annotated[int, Field(ge=1, le=4096)] = 32
     max_wait_ms: Annotated[float, Field(ge=0, le=60_000)] = 20.0
     #: Readings waiting for this plugin; beyond this, POSTs whose readings would go to it get 5.03.

@@ -76,6 +76,7 @@ class Echo(Plugin):
                     "t": started,
                     "threads": self.threads,
                     "omp": os.environ.get("OMP_NUM_THREADS"),
+                    "cpus": sorted(os.sched_getaffinity(0)),
                 },
             )
             for r in batch

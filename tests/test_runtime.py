@@ -246,21 +246,27 @@ async def test_old_readings_expire_instead_of_being_processed_late(
     assert out[-1]["fields"] == ["late"] and "error" not in out[-1]
 
 
-async def test_threads_come_from_the_budget_or_the_plugin(
+async def test_threads_and_cpus_come_from_the_budget_or_the_plugin(
     tmp_path: Path, broker: Mosquitto, coap_client: aiocoap.Context
 ) -> None:
-    """Each worker gets plugin.threads and OMP_NUM_THREADS from [runtime] or the plugin's own setting."""
+    """Each worker gets plugin.threads and OMP_NUM_THREADS from [runtime] or the plugin's own setting,
+    and runs on the plugin's ``cpus`` where it names them."""
+    last_cpu = max(os.sched_getaffinity(0))
     cfg = make_config(
         tmp_path,
         broker.port,
         runtime={"inference_slots": 1, "threads_per_slot": 3},
-        plugins=[echo("budget"), echo("own", threads=2)],
+        plugins=[echo("budget"), echo("own", threads=2, cpus=[last_cpu])],
     )
     async with collect(broker.port) as got, running(cfg):
         await post(coap_client, cfg.coap.port, "n", cbor2.dumps({"x": 1}))
         await got.wait(lambda g: len(results(g, "budget")) == 1 and len(results(g, "own")) == 1)
     assert (results(got, "budget")[0]["threads"], results(got, "budget")[0]["omp"]) == (3, "3")
     assert (results(got, "own")[0]["threads"], results(got, "own")[0]["omp"]) == (2, "2")
+    assert results(got, "own")[0]["cpus"] == [last_cpu]
+    assert results(got, "budget")[0]["cpus"] == sorted(os.sched_getaffinity(0))
+    with pytest.raises(ValueError, match=r"CPU 4096 does not exist here"):
+        make_config(tmp_path, broker.port, plugins=[echo("x", cpus=[4096])])
 
 
 async def test_instances_share_the_queue(

@@ -201,7 +201,7 @@ def gateway_config(wd: Path, gw: str, db: Path, run: GatewayRun, mqtt_port: int)
         f'[store]\npath = "{db}"\nmax_readings = {run.n + 1000}\nsynchronous = "{run.synchronous}"\n\n'
         f'[mqtt]\nhost = "127.0.0.1"\nport = {mqtt_port}\nclient_id = "{gw}"\n{backoff}\n'
         # info: only lifecycle lines (no per-batch logging); the ready line is the no-publisher t0.
-        '[limits]\nrate_per_s = 0\n\n[metrics]\nenabled = false\n\n'
+        "[limits]\nrate_per_s = 0\n\n[metrics]\nenabled = false\n\n"
         '[security]\nunauthenticated = "allow"\n\n'  # plain CoAP: no OSCORE here
         '[log]\nlevel = "info"\nformat = "json"\n\n'
         f'[[plugins]]\nname = "{PLUGIN}"\nplugin = "{PLUGIN}"\nthreads = 1\n'

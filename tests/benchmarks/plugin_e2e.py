@@ -52,6 +52,7 @@ async def run_plugin_e2e(
     threads: int = 1,
     clients: int = 4,
     max_batch: int = 4,
+    cpus: Sequence[int] | None = None,
     max_body_bytes: int = 262_144,
     node_prefix: str = "node",
 ) -> Run:
@@ -67,7 +68,9 @@ async def run_plugin_e2e(
             f'[[plugins]]\nname = "bench"\nplugin = "{plugin}"\n'
             f"threads = {threads}\nmax_batch = {max_batch}\nmax_wait_ms = 5\n"
             "queue_size = 10000\ndeadline_s = 60\n"
-            "[plugins.options]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in options.items())
+            + (f"cpus = {list(cpus)}\n" if cpus is not None else "")
+            + "[plugins.options]\n"
+            + "".join(f"{k} = {_toml(v)}\n" for k, v in options.items())
         )
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         cmd = [sys.executable, "-m", "gatewayd.cli", "run", "--config", str(conf)]
