@@ -26,6 +26,7 @@ from gatewayd.router import Route, Router
 from gatewayd.scheduler import Slots
 from gatewayd.store import Store
 from gatewayd.supervisor import PluginRunner
+from gatewayd.updates import ModelStore, Updater
 from gatewayd.uploads import Block1Spool
 
 log = structlog.get_logger("gatewayd.app")
@@ -53,6 +54,8 @@ class App:
         self.access: Access | None = None
         #: The Prometheus endpoint, when [metrics] enabled.
         self.metrics: Metrics | None = None
+        #: Model updates over the air (commands on {prefix}/{gateway}/cmd/models/update).
+        self.updater: Updater | None = None
         #: Set once the CoAP server answers (tests and the demo wait on it).
         self.serving = asyncio.Event()
 
@@ -106,6 +109,7 @@ class App:
 
         routes = []
         slots = Slots(cfg.runtime.slots())
+        models = ModelStore(cfg.models.store_path(cfg.store))
         for p in cfg.plugins:
             if not p.enabled:
                 continue
@@ -122,6 +126,7 @@ class App:
                 on_batch=metrics.batch_observer(p.name) if metrics else None,
                 worker_env=cfg.models.environ(),  # the bundle signature policy, for the plugins to apply
             )  # fmt: skip
+            runner.bundle = models.current(p.name)  # installed by an update: it outlives restarts
             self.runners.append(runner)
             routes.append(Route(p.name, p.match, queue, p.retry_after_s))
         # A configured plugin that is missing now keeps its pending readings for when it is back.
@@ -133,6 +138,13 @@ class App:
             route.queue.put(backlog)
             if backlog:
                 log.info("plugin_backlog_restored", plugin=route.name, readings=len(backlog))
+
+        self.updater = Updater(
+            models, {r.cfg.name: r for r in self.runners},
+            lambda doc: publisher.note("cmd/models/response", doc),
+            trusted_keys=cfg.models.trusted_keys, require_signature=cfg.models.signature_required(),
+        )  # fmt: skip
+        publisher.on_command("cmd/models/update", self.updater.submit)
 
         limiter = NodeLimiter(cfg.limits.rate_per_s, cfg.limits.burst, cfg.limits.max_nodes)
         self.intake = Intake(
@@ -180,6 +192,8 @@ class App:
         self.intake.closed = True
         if self.coap_ctx is not None:
             await self.coap_ctx.shutdown()
+        if self.updater is not None:
+            self.updater.cancel()  # the serving bundle stays; an unfinished probation is not retried
         for r in self.runners:
             r.stop()
         runner_tasks = [t for t in tasks if t.get_name().startswith("plugin:")]

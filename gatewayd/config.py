@@ -294,6 +294,25 @@ class FallbackConfig(_Strict):
     degraded: bool = False
 
 
+class UpdatePolicy(_Strict):
+    """How a model update over the air is judged before and after the switch (README, "Model updates")."""
+
+    #: Live readings the new model answers in shadow, beside the serving one, before the switch.
+    shadow_readings: Annotated[int, Field(ge=0)] = 20
+    #: Decide on what came in by then (the warm-up on the plugin's sample, if no reading came).
+    shadow_timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    #: Share of the shadow answers (the plugin's answer_keys) that must equal the serving model's.
+    min_agreement: Annotated[float, Field(ge=0, le=1)] = 0.9
+    #: p95 inference time per reading the new model must keep, in shadow and on probation;
+    #: default: twice the serving model's p95 in the same shadow run.
+    latency_budget_ms: Annotated[float | None, Field(gt=0)] = None
+    #: Readings the new model serves after the switch with no failed batch or worker, within the
+    #: budget; a failure rolls back to the previous bundle at once.
+    probation_readings: Annotated[int, Field(ge=0)] = 50
+    #: Probation ends by then even on a quiet gateway.
+    probation_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+
+
 def _existing_cpu(cpu: int) -> int:
     count = os.cpu_count() or 1
     if not 0 <= cpu < count:
@@ -337,6 +356,8 @@ class PluginConfig(_Strict):
     cooldown_s: Annotated[float, Field(gt=0)] = 120.0
     retry_after_s: Annotated[int, Field(ge=1, le=3600)] = 5
     fallback: FallbackConfig | None = None
+    #: Model updates over the air, for a plugin that takes bundles (its bundle_option).
+    update: UpdatePolicy = UpdatePolicy()
     options: dict[str, Any] = {}
 
 
@@ -422,6 +443,9 @@ class ModelsConfig(_Strict):
     trusted_keys: list[Annotated[Path, AfterValidator(_trusted_key)]] = []
     #: Refuse unsigned bundles; default: true when trusted_keys are set.
     require_signature: bool | None = None
+    #: Where bundles installed by updates live (per plugin: versions, current, previous);
+    #: default: "models" beside the store.
+    store: Path | None = None
 
     @model_validator(mode="after")
     def _keys_for_signatures(self) -> ModelsConfig:
@@ -431,6 +455,9 @@ class ModelsConfig(_Strict):
 
     def signature_required(self) -> bool:
         return bool(self.trusted_keys) if self.require_signature is None else self.require_signature
+
+    def store_path(self, store: StoreConfig) -> Path:
+        return self.store if self.store is not None else store.path.parent / "models"
 
     def environ(self) -> dict[str, str]:
         """The policy as the environment a plugin worker inherits (gatewayd.bundle.verify_for_gateway)."""

@@ -5,6 +5,7 @@ Topics (``base`` = ``{prefix}/{gateway}``):
   ``base/results/{plugin}/{node}``  every plugin result
   ``base/status``                   retained ``online``; ``offline`` is the last will
   ``base/status/plugins/{plugin}``  retained JSON state of each plugin
+  ``base/cmd/...``                  commands to the gateway (subscribed), and their responses
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import json
 import random
 import ssl
 import time
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import aiomqtt
@@ -112,6 +115,9 @@ class Publisher:
         self._wake = asyncio.Event()
         self._live: dict[str, bytes] = {}
         self._live_dirty: set[str] = set()
+        self._commands: dict[str, Callable[[bytes], None]] = {}
+        # Responses to commands while disconnected: kept in memory, the latest ones.
+        self._notes: deque[tuple[str, bytes]] = deque(maxlen=1000)
         self._stopping = False
         self._stop_by = 0.0
         self._rng = random.Random()
@@ -129,6 +135,15 @@ class Publisher:
         topic = f"{self.base}/{suffix}"
         self._live[topic] = json.dumps(doc, separators=(",", ":")).encode()
         self._live_dirty.add(topic)
+        self._wake.set()
+
+    def on_command(self, suffix: str, handler: Callable[[bytes], None]) -> None:
+        """Call ``handler`` with each payload sent to ``base/suffix`` (subscribed at QoS 1 on connect)."""
+        self._commands[f"{self.base}/{suffix}"] = handler
+
+    def note(self, suffix: str, doc: dict[str, Any]) -> None:
+        """Publish ``doc`` once, QoS 1, not retained, on ``base/suffix`` (a command's response)."""
+        self._notes.append((f"{self.base}/{suffix}", json.dumps(doc, separators=(",", ":")).encode()))
         self._wake.set()
 
     def stop(self, timeout_s: float) -> None:
@@ -150,7 +165,13 @@ class Publisher:
                     failures = 0
                     await client.publish(self.status_topic, b"online", qos=1, retain=True)
                     self._live_dirty = set(self._live)
-                    await self._drain(client)
+                    for topic in self._commands:
+                        await client.subscribe(topic, qos=1)
+                    listener = asyncio.create_task(self._listen(client))
+                    try:
+                        await self._drain(client)
+                    finally:
+                        listener.cancel()
                     await client.publish(self.status_topic, b"offline", qos=1, retain=True)
                     self.connected = False
                     return
@@ -199,6 +220,19 @@ class Publisher:
         client.pending_calls_threshold = self.cfg.max_inflight * 2
         return client
 
+    async def _listen(self, client: aiomqtt.Client) -> None:
+        async for m in client.messages:
+            handler = self._commands.get(str(m.topic))
+            if handler is None or not isinstance(m.payload, bytes):
+                continue
+            if m.retain:  # a retained command would run again at each reconnect, however old
+                log.warning("mqtt_retained_command_ignored", topic=str(m.topic))
+                continue
+            try:
+                handler(m.payload)
+            except Exception:  # a bug in one command must not end the gateway's listening
+                log.exception("mqtt_command_failed", topic=str(m.topic))
+
     async def _drain(self, client: aiomqtt.Client) -> None:
         """Publish outbox entries in order with up to max_inflight awaiting PUBACK."""
         slots = asyncio.Semaphore(self.cfg.max_inflight)
@@ -225,6 +259,9 @@ class Publisher:
                 for topic in list(self._live_dirty):
                     self._live_dirty.discard(topic)
                     await client.publish(topic, self._live[topic], qos=1, retain=True)
+                while self._notes:
+                    await client.publish(*self._notes[0], qos=1)
+                    self._notes.popleft()
                 if acked:
                     done, acked[:] = list(acked), []
                     await self._delete(done)

@@ -96,6 +96,12 @@ class Plugin(ABC):
 
     name: ClassVar[str]
     version: ClassVar[str] = "0"
+    #: The ``options`` key that takes a model bundle folder. A plugin that names one can have its
+    #: model replaced over the air: gatewayd then passes the installed bundle's folder under it.
+    bundle_option: ClassVar[str | None] = None
+    #: The result keys that are the plugin's answer (not its timings), compared between the current
+    #: and a new model while the new one runs in shadow before an update; None: the whole result.
+    answer_keys: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         self.options = dict(options)

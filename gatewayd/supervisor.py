@@ -20,7 +20,8 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import cbor2
@@ -71,6 +72,8 @@ def backoff_delay(failures: int, initial: float, maximum: float, rng: random.Ran
 class LoadInfo:
     version: str
     warmup_s: float
+    #: The plugin's ``answer_keys`` (None: its whole result is its answer).
+    answer_keys: tuple[str, ...] | None = None
 
 
 class Worker:
@@ -111,10 +114,12 @@ class Worker:
 
     async def load(
         self, target: str, options: dict[str, Any], threads: int, timeout_s: float,
-        on_warming: Callable[[], None] = lambda: None,
+        on_warming: Callable[[], None] = lambda: None, bundle: Path | None = None,
     ) -> LoadInfo:  # fmt: skip
-        """Import, construct, load and warm up the plugin in the worker."""
-        self._send({"op": "load", "target": target, "options": options, "threads": threads})
+        """Import, construct, load and warm up the plugin in the worker; ``bundle`` goes to the
+        plugin's ``bundle_option`` (a model installed by an update)."""
+        load = {"op": "load", "target": target, "options": options, "threads": threads}
+        self._send(load if bundle is None else {**load, "bundle": str(bundle)})
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -127,7 +132,12 @@ class Worker:
             if reply.get("state") == "warming":
                 on_warming()
             elif reply.get("state") == "ready":
-                return LoadInfo(str(reply.get("version", "?")), float(reply["warmup_s"]))
+                keys = reply.get("answer_keys")
+                return LoadInfo(
+                    str(reply.get("version", "?")),
+                    float(reply["warmup_s"]),
+                    None if keys is None else tuple(keys),
+                )
 
     async def process(self, batch: list[Reading], deadline_s: float) -> Results:
         """Results by reading id; BatchFailed if the plugin raised, WorkerFailed if the worker is lost."""
@@ -198,6 +208,22 @@ class Instance:
     detail: str = ""
     pid: int | None = None
     worker: Worker | None = None
+    #: The runner's generation this worker was loaded for; a switch of bundle makes it old.
+    generation: int = 0
+
+
+@dataclass
+class Probe:
+    """How the main workers of one generation (one bundle) have done since it began."""
+
+    readings: int = 0
+    #: Inference time per reading of each batch, ms.
+    latencies_ms: list[float] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+
+#: Sees each main batch's readings, results and inference seconds (a model update's shadow run).
+Tap = Callable[[list[Reading], Results, float], None]
 
 
 class PluginRunner:
@@ -231,6 +257,13 @@ class PluginRunner:
         if cfg.fallback is not None and not cfg.fallback.degraded:
             self.fallback = Instance("fallback", "fallback", fallback_target or target, cfg.fallback.options)
         self.fallback_active = False
+        #: A bundle installed by a model update, given to the main workers instead of the configured one.
+        self.bundle: Path | None = None
+        self.generation = 0
+        self.probe = Probe()
+        self.tap: Tap | None = None
+        self._handover: tuple[Worker, LoadInfo] | None = None  # a loaded worker for the next generation
+        self._switched = asyncio.Event()
         # Counters, for status and metrics.
         self.restarts = 0
         self.batches = 0
@@ -289,6 +322,7 @@ class PluginRunner:
             "recycled": self.recycled,
             "last_error": self.last_error,
             "queue": self.queue.waiting,
+            "bundle": None if self.bundle is None else str(self.bundle),
             "ts": time.time(),
         }
 
@@ -307,6 +341,38 @@ class PluginRunner:
         self._stopped.set()
         self._changed.set()
         self.queue.close()
+
+    async def load_candidate(self, bundle: Path) -> tuple[Worker, LoadInfo]:
+        """A main worker loaded on ``bundle`` beside the serving ones (not serving); WorkerFailed if not."""
+        threads = self.cfg.threads or self.threads
+        worker = await Worker.start(threads, self.worker_env, self.cfg.cpus)
+        try:
+            info = await worker.load(
+                self.instances[0].target, self.cfg.options, threads, self.cfg.load_timeout_s, bundle=bundle
+            )
+        except BaseException:
+            await worker.stop()
+            raise
+        return worker, info
+
+    def switch(self, bundle: Path | None, loaded: tuple[Worker, LoadInfo] | None = None) -> None:
+        """Serve from ``bundle`` (None: the configured model) from each worker's next batch on.
+
+        A batch in a worker finishes there and is completed as usual; then the worker is replaced,
+        the first one by ``loaded`` (no reload), so no reading is lost or processed twice.
+        """
+        self.bundle = bundle
+        self.generation += 1
+        self.probe = Probe()
+        if self._handover is not None:  # an earlier switch's worker no instance took
+            self._handover[0].kill()
+        self._handover = loaded
+        self._switched.set()
+        self._switched = asyncio.Event()
+        self.log.info(
+            "bundle_switched", bundle=str(bundle) if bundle else "configured", generation=self.generation
+        )
+        self.on_state(self)
 
     async def run(self) -> None:
         loops = [self._instance_loop(i) for i in self.instances]
@@ -330,17 +396,24 @@ class PluginRunner:
                 await self._sleep(wait)
                 continue
             started = time.monotonic()
+            main = inst.variant == "main"
+            inst.generation = self.generation
             try:
-                self._set(inst, State.LOADING)
-                threads = self.cfg.threads or self.threads
-                inst.worker = await Worker.start(threads, self.worker_env, self.cfg.cpus)
-                inst.pid = inst.worker.proc.pid
-                info = await inst.worker.load(
-                    inst.target, inst.options, threads, self.cfg.load_timeout_s,
-                    on_warming=lambda: self._set(inst, State.WARMING),
-                )  # fmt: skip
+                if main and self._handover is not None:
+                    (inst.worker, info), self._handover = self._handover, None
+                    inst.pid = inst.worker.proc.pid
+                else:
+                    self._set(inst, State.LOADING)
+                    threads = self.cfg.threads or self.threads
+                    inst.worker = await Worker.start(threads, self.worker_env, self.cfg.cpus)
+                    inst.pid = inst.worker.proc.pid
+                    info = await inst.worker.load(
+                        inst.target, inst.options, threads, self.cfg.load_timeout_s,
+                        on_warming=lambda: self._set(inst, State.WARMING),
+                        bundle=self.bundle if main else None,
+                    )  # fmt: skip
                 self.log.info("plugin_warm", instance=inst.label, warmup_s=round(info.warmup_s, 4),
-                              version=info.version)  # fmt: skip
+                              version=info.version, generation=inst.generation)  # fmt: skip
                 self._set(inst, State.READY)
                 await self._serve(inst, inst.worker)  # returns on stop, or to recycle the worker
             except WorkerFailed as e:
@@ -348,6 +421,7 @@ class PluginRunner:
                     break
                 self.log.warning("worker_failed", instance=inst.label, error=str(e))
                 self.last_error = str(e)
+                self._failure(inst, str(e))
                 failures = 1 if time.monotonic() - started > HEALTHY_AFTER_S else failures + 1
                 self.restarts += 1
                 if self._over_budget():
@@ -435,16 +509,20 @@ class PluginRunner:
 
     async def _serve(self, inst: Instance, worker: Worker) -> None:
         exited = asyncio.create_task(worker.proc.wait())
+        main = inst.variant == "main"  # only main workers change bundle
+        switched = asyncio.create_task(self._switched.wait() if main else asyncio.Event().wait())
         taking: asyncio.Task[list[Reading]] | None = None
         failures = 0  # consecutive failed batches: back off between them too
         try:
-            while True:
+            while not (main and inst.generation != self.generation):
                 taking = asyncio.create_task(self._take())
-                await asyncio.wait({taking, exited}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({taking, exited, switched}, return_when=asyncio.FIRST_COMPLETED)
                 if not taking.done():
-                    taking.cancel()  # died while idle: no batch is to blame
+                    taking.cancel()  # no batch is to blame
                     with contextlib.suppress(asyncio.CancelledError):
                         await taking
+                    if switched.done():
+                        return  # a new bundle: this worker makes way
                     raise WorkerFailed(f"worker exited with code {exited.result()} while idle")
                 batch = taking.result()
                 if not batch:
@@ -470,6 +548,7 @@ class PluginRunner:
                     return
         finally:
             exited.cancel()
+            switched.cancel()
             if taking is not None:
                 taking.cancel()  # when we are cancelled (fallback off), no orphan may take a batch
 
@@ -482,6 +561,7 @@ class PluginRunner:
                 inference_s = time.monotonic() - t1
         except BatchFailed as e:
             self.log.warning("batch_failed", instance=inst.label, error=str(e), size=len(batch))
+            self._failure(inst, str(e))
             self._failed(batch, str(e))
             raise
         except WorkerFailed as e:
@@ -497,6 +577,11 @@ class PluginRunner:
         self.batch_sizes.append(len(batch))
         if self.on_batch is not None:
             self.on_batch(inst.variant, len(batch), inference_s)
+        if inst.variant == "main" and inst.generation == self.generation:
+            self.probe.readings += len(batch)
+            self.probe.latencies_ms.append(inference_s * 1000 / len(batch))
+            if self.tap is not None:
+                self.tap(batch, {rid: dict(d) for rid, d in results.items()}, inference_s)
         self._complete(batch, results, inst.variant)
 
     async def _serve_degraded(self) -> None:
@@ -505,6 +590,10 @@ class PluginRunner:
             reason = f"plugin unavailable: {self.last_error or self.state}"
             self._complete(batch, {r.id: {"degraded": True, "error": reason} for r in batch}, "degraded")
             await asyncio.sleep(0)  # let the commits run between batches
+
+    def _failure(self, inst: Instance, reason: str) -> None:
+        if inst.variant == "main" and inst.generation == self.generation:
+            self.probe.failures.append(reason)
 
     def _failed(self, batch: list[Reading], reason: str) -> None:
         """A failed batch: suspects are retried one by one; a single reading has max_attempts."""

@@ -2,25 +2,28 @@
 
 A command (JSON on ``{prefix}/{gateway}/cmd/models/update``) names a plugin and a bundle folder on
 the gateway: ``{"id": "u-17", "plugin": "glm", "bundle": "/srv/incoming/glm-1.3.0"}``.
-:func:`handle_update` verifies it under the ``[models]`` policy (refusing a rollback to a version
-not newer than the active one), copies it into the model store and checks the copy (what gets
-loaded is what was verified, not the incoming folder that someone may still write to), switches
-the plugin's ``current`` link, and asks the caller to restart the plugin's workers on it. A restart
-that fails switches back to the previous bundle and restarts on that. Each step is reported as a
-JSON-able dict through ``report`` (for ``.../cmd/models/response``).
+:class:`Updater` verifies it under the ``[models]`` policy (signed, by a trusted key, unexpired,
+newer than the installed one), copies it into the model store and checks the copy (what gets
+loaded is what was verified, not the incoming folder that someone may still write to), loads it in
+a new worker, runs it in shadow on live readings against the serving model, switches the plugin's
+``current`` link and its workers, and rolls back if the new model fails or is too slow on probation.
 
 Store layout: ``ROOT/PLUGIN/VERSION/`` per installed bundle, ``ROOT/PLUGIN/current`` and
 ``ROOT/PLUGIN/previous`` symlinks, each replaced atomically; older versions beyond those two are
-pruned. Not yet wired to MQTT or the supervisor (see the README).
+pruned. gatewayd starts a plugin on its ``current`` bundle, so an update outlives a restart.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import shutil
+import statistics
 import tempfile
-from collections.abc import Awaitable, Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -29,6 +32,9 @@ from typing import Any
 import structlog
 
 from gatewayd import bundle
+from gatewayd.config import UpdatePolicy
+from gatewayd.plugin_api import Reading
+from gatewayd.supervisor import BatchFailed, PluginRunner, Worker, WorkerFailed
 
 log = structlog.get_logger("gatewayd.updates")
 
@@ -126,6 +132,10 @@ class ModelStore:
         self._link(plugin, CURRENT, version)
         return old
 
+    def deactivate(self, plugin: str) -> None:
+        """No installed bundle serves: the plugin's configured one does (a first update rolled back)."""
+        (self.root / plugin / CURRENT).unlink(missing_ok=True)
+
     def rollback(self, plugin: str) -> Path:
         """Point ``current`` back at ``previous``; UpdateError when there is none."""
         prev = self.previous(plugin)
@@ -157,57 +167,210 @@ class ModelStore:
         os.replace(tmp, self.root / plugin / link)
 
 
-Restart = Callable[[str, Path], Awaitable[None]]
 Report = Callable[[dict[str, Any]], None]
 
 
-async def handle_update(
-    cmd: UpdateCommand,
-    store: ModelStore,
-    restart: Restart,
-    report: Report,
-    *,
-    trusted_keys: list[Path],
-    require_signature: bool,
-    now: datetime | None = None,
-) -> bool:
-    """Carry out one update; True when the new bundle is serving. Never raises for a refusal.
+def _p95(values: list[float]) -> float:
+    return statistics.quantiles(values, n=20, method="inclusive")[-1] if len(values) > 1 else values[0]
 
-    ``restart(plugin, folder)`` must restart the plugin's workers on ``folder`` and raise when they
-    fail to load. Reports, in order: ``received``, ``verified`` (or ``refused``), ``installed``,
-    ``active`` (or ``load_failed`` then ``rolled_back`` / ``rollback_failed``).
+
+def _answer(data: dict[str, Any] | None, keys: tuple[str, ...] | None) -> object:
+    if data is None:
+        return None
+    return (
+        {k: data.get(k) for k in keys}
+        if keys is not None
+        else {k: v for k, v in data.items() if k != "variant"}
+    )
+
+
+class Updater:
+    """Carries out update commands for the plugin runners, one at a time, each step reported.
+
+    Steps (``step`` of each report, on ``.../cmd/models/response``): ``received``; ``refused`` (with
+    ``stage`` and ``error``) or ``verified``, ``installed``, ``loaded`` (a new worker on the new
+    bundle, beside the serving ones), ``shadow`` (both models on the same live readings: agreement and
+    p95 latency), ``switched`` (from each worker's next batch), then ``active`` after the probation, or
+    ``rolled_back`` (and ``rollback_failed`` if even that fails). The serving model keeps serving
+    until ``switched``; a refusal leaves it untouched.
     """
 
-    def step(what: str, **fields: Any) -> None:
-        doc = {"id": cmd.id, "plugin": cmd.plugin, "step": what, **fields}
-        log.info("model_update", **doc)
-        report(doc)
+    def __init__(
+        self, store: ModelStore, runners: Mapping[str, PluginRunner], report: Report,
+        *, trusted_keys: list[Path], require_signature: bool,
+    ) -> None:  # fmt: skip
+        self.store = store
+        self.runners = runners
+        self.report = report
+        self.trusted_keys = trusted_keys
+        self.require_signature = require_signature
+        self._task: asyncio.Task[bool] | None = None
+        self._busy_with: str | None = None
 
-    step("received", bundle=str(cmd.bundle))
-    try:
-        m = store.install(cmd.plugin, cmd.bundle, trusted_keys, require_signature=require_signature, now=now)
-    except (bundle.BundleError, OSError) as e:
-        step("refused", error=str(e))
-        return False
-    step("verified", bundle_name=m.name, version=m.version)
-    folder = store.root / cmd.plugin / m.version
-    step("installed", path=str(folder))
-    old = store.activate(cmd.plugin, m.version)
-    try:
-        await restart(cmd.plugin, folder)
-    except Exception as e:  # whatever the workers' failure, the answer is to go back
-        step("load_failed", version=m.version, error=str(e))
-        if old is None:
-            step("rollback_failed", error="no previous bundle")
-            return False
-        prev = store.rollback(cmd.plugin)
+    def submit(self, payload: bytes) -> None:
+        """An MQTT command: refused at once if malformed or while another update runs."""
         try:
-            await restart(cmd.plugin, prev)
-        except Exception as e2:  # reported; the supervisor's backoff goes on retrying it
-            step("rollback_failed", version=prev.name, error=str(e2))
+            cmd = parse_command(payload, self.runners)
+        except UpdateError as e:
+            self._step(None, None, "refused", stage=e.step, error=e.reason)
+            return
+        if not self.require_signature:
+            why = "updates over the air need signed bundles: set [models] trusted_keys"
+            self._step(cmd.id, cmd.plugin, "refused", stage="command", error=why)
+            return
+        if self._task is not None and not self._task.done():
+            self._step(
+                cmd.id, cmd.plugin, "refused", stage="command", error=f"busy with update {self._busy_with}"
+            )
+            return
+        self._busy_with = cmd.id or str(cmd.bundle)
+        self._task = asyncio.create_task(self.run(cmd), name=f"update:{cmd.plugin}")
+
+    async def wait(self) -> None:
+        """Until the running update, if any, is done (tests; shutdown cancels it instead)."""
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def _step(self, cid: str | None, plugin: str | None, what: str, **fields: Any) -> None:
+        doc = {"id": cid, "plugin": plugin, "step": what, **fields, "ts": time.time()}
+        (log.warning if what in ("refused", "rolled_back", "rollback_failed") else log.info)(
+            "model_update", **doc
+        )
+        self.report(doc)
+
+    async def run(self, cmd: UpdateCommand, now: datetime | None = None) -> bool:
+        """Carry out one command; True when the new bundle is serving after its probation."""
+        runner = self.runners[cmd.plugin]
+        policy = runner.cfg.update
+
+        def step(what: str, **fields: Any) -> None:
+            self._step(cmd.id, cmd.plugin, what, **fields)
+
+        step("received", bundle=str(cmd.bundle))
+        try:
+            m = self.store.install(
+                cmd.plugin, cmd.bundle, self.trusted_keys, require_signature=self.require_signature, now=now
+            )
+        except (bundle.BundleError, OSError) as e:
+            step("refused", stage="verify", error=str(e))
             return False
-        step("rolled_back", version=prev.name)
+        folder = self.store.root / cmd.plugin / m.version
+        step("verified", bundle_name=m.name, version=m.version)
+        step("installed", path=str(folder))
+        try:
+            worker, info = await runner.load_candidate(folder)
+        except WorkerFailed as e:
+            self.store.prune(cmd.plugin)
+            step("refused", stage="load", version=m.version, error=str(e))
+            return False
+        step("loaded", version=m.version, warmup_s=round(info.warmup_s, 4))
+        try:
+            verdict = await self._shadow(runner, worker, info.answer_keys, policy)
+        except BaseException:
+            await worker.stop()
+            raise
+        step("shadow", version=m.version, **verdict.report)
+        if verdict.refusal is not None:
+            await worker.stop()
+            self.store.prune(cmd.plugin)
+            step("refused", stage="shadow", version=m.version, error=verdict.refusal)
+            return False
+        old = self.store.activate(cmd.plugin, m.version)
+        runner.switch(folder, (worker, info))
+        step("switched", version=m.version, previous=old.name if old else "configured")
+        failure = await self._probation(runner, policy, verdict.budget_ms)
+        if failure is None:
+            self.store.prune(cmd.plugin)
+            step("active", version=m.version, readings=runner.probe.readings)
+            return True
+        step("rolled_back", version=m.version, reason=failure, to=old.name if old else "configured")
+        if old is None:
+            self.store.deactivate(cmd.plugin)
+            runner.switch(None)
+        else:
+            runner.switch(self.store.rollback(cmd.plugin))
         return False
-    store.prune(cmd.plugin)
-    step("active", version=m.version, previous=old.name if old else None)
-    return True
+
+    async def _shadow(
+        self, runner: PluginRunner, worker: Worker, keys: tuple[str, ...] | None, policy: UpdatePolicy
+    ) -> Verdict:
+        """Both models on the same live batches (the serving model's results are what is published)."""
+        batches: asyncio.Queue[tuple[list[Reading], dict[str, dict[str, Any]], float]] = asyncio.Queue(4)
+
+        def tap(batch: list[Reading], results: dict[str, dict[str, Any]], seconds: float) -> None:
+            with contextlib.suppress(
+                asyncio.QueueFull
+            ):  # shadowing samples the traffic; it never holds it up
+                batches.put_nowait((batch, results, seconds))
+
+        compared = agreed = 0
+        current_ms: list[float] = []
+        new_ms: list[float] = []
+        deadline = time.monotonic() + policy.shadow_timeout_s
+        runner.tap = tap
+        try:
+            while compared < policy.shadow_readings:
+                try:
+                    batch, current, seconds = await asyncio.wait_for(
+                        batches.get(), deadline - time.monotonic()
+                    )
+                except TimeoutError:
+                    break
+                t0 = time.monotonic()
+                try:
+                    new = await worker.process(batch, runner.cfg.deadline_s)
+                except (BatchFailed, WorkerFailed) as e:
+                    return Verdict({"readings": compared}, f"the new model failed on live readings: {e}", 0.0)
+                new_ms.append((time.monotonic() - t0) * 1000 / len(batch))
+                current_ms.append(seconds * 1000 / len(batch))
+                compared += len(batch)
+                agreed += sum(_answer(current.get(r.id), keys) == _answer(new.get(r.id), keys) for r in batch)
+        finally:
+            runner.tap = None
+        report: dict[str, Any] = {"readings": compared}
+        if not compared:  # a quiet gateway: the new model's warm-up on its sample is all there is
+            report["note"] = f"no live reading in {policy.shadow_timeout_s:g} s"
+            return Verdict(report, None, policy.latency_budget_ms or 0.0)
+        budget = policy.latency_budget_ms or 2 * _p95(current_ms)
+        report |= {
+            "agreement": round(agreed / compared, 4),
+            "p95_ms": {"current": round(_p95(current_ms), 3), "new": round(_p95(new_ms), 3)},
+            "budget_ms": round(budget, 3),
+        }
+        if agreed / compared < policy.min_agreement:
+            return Verdict(
+                report,
+                f"agreement {agreed / compared:.1%} < min_agreement {policy.min_agreement:.1%}",
+                budget,
+            )
+        if _p95(new_ms) > budget:
+            return Verdict(report, f"p95 {_p95(new_ms):.3g} ms per reading > budget {budget:.3g} ms", budget)
+        return Verdict(report, None, budget)
+
+    async def _probation(self, runner: PluginRunner, policy: UpdatePolicy, budget_ms: float) -> str | None:
+        """Why the new bundle must go (a failure, or over budget); None once it has served its probation."""
+        deadline = time.monotonic() + policy.probation_timeout_s
+        probe = runner.probe
+        while probe.readings < policy.probation_readings and time.monotonic() < deadline:
+            if probe.failures:
+                break
+            await asyncio.sleep(0.05)
+        if probe.failures:
+            return probe.failures[0]
+        if budget_ms and probe.latencies_ms and (p95 := _p95(probe.latencies_ms)) > budget_ms:
+            return f"p95 {p95:.3g} ms per reading > budget {budget_ms:.3g} ms"
+        return None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The shadow run's figures, why it refuses the new model (None: it may switch), and the budget."""
+
+    report: dict[str, Any]
+    refusal: str | None
+    budget_ms: float

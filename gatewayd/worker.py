@@ -65,13 +65,27 @@ def serve(src: BinaryIO, dst: BinaryIO) -> int:
     if hello is None or hello.get("op") != "load":
         return 2
     try:
-        plugin: Plugin = load_class(hello["target"])(hello.get("options", {}))
+        cls: type[Plugin] = load_class(hello["target"])
+        options = hello.get("options", {})
+        if (bundle := hello.get("bundle")) is not None:  # a bundle installed by a model update
+            if cls.bundle_option is None:
+                raise ValueError(f"plugin {cls.name!r} takes no model bundle (it sets no bundle_option)")
+            options = {**options, cls.bundle_option: bundle}
+        plugin = cls(options)
         plugin.threads = int(hello.get("threads", 1))
         plugin.load()
         send({"state": "warming"})
         t0 = time.perf_counter()
         plugin.process(list(plugin.sample()))
-        send({"state": "ready", "warmup_s": time.perf_counter() - t0, "version": plugin.version})
+        keys = None if plugin.answer_keys is None else list(plugin.answer_keys)
+        send(
+            {
+                "state": "ready",
+                "warmup_s": time.perf_counter() - t0,
+                "version": plugin.version,
+                "answer_keys": keys,
+            }
+        )
     except Exception as e:
         send(_failure(e))
         return 1

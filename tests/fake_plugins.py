@@ -7,6 +7,7 @@ fault and watch the plugin recover. Option ``fault`` picks how.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -85,3 +86,39 @@ class Echo(Plugin):
 
 class NotAPlugin:
     """Something that is not a Plugin subclass."""
+
+
+class Versioned(Plugin):
+    """A plugin whose "model" is a bundle folder (option ``model``) with a ``model.json``:
+    ``{"answer": ..., "sleep_ms": 0, "fail_load": false, "fail_after": null}``, to make model
+    updates that disagree, are slow, fail to load or fail after some readings."""
+
+    name = "versioned"
+    bundle_option = "model"
+    answer_keys = ("answer",)
+
+    def __init__(self, options: dict[str, object]) -> None:
+        super().__init__(options)
+        self.folder = Path(str(options["model"]))
+        self.served = 0
+
+    def load(self) -> None:
+        from gatewayd.bundle import verify_for_gateway
+
+        self.model_version = verify_for_gateway(self.folder).version
+        self.spec = json.loads((self.folder / "model.json").read_text())
+        if self.spec.get("fail_load"):
+            raise RuntimeError(f"model {self.model_version} does not load")
+
+    def sample(self) -> Sequence[Reading]:
+        return [Reading("warmup", "n", 0.0, {"x": 1})]
+
+    def process(self, batch: Sequence[Reading]) -> Sequence[Result]:
+        if batch and batch[0].id != "warmup":
+            self.served += len(batch)
+            fail_after = self.spec.get("fail_after")
+            if fail_after is not None and self.served > fail_after:
+                raise RuntimeError(f"model {self.model_version} fails")
+        time.sleep(self.spec.get("sleep_ms", 0) / 1000 * len(batch))
+        data = {"answer": self.spec["answer"], "version": self.model_version, "pid": os.getpid()}
+        return [Result(r.id, data) for r in batch]

@@ -120,6 +120,8 @@ class GlmPlugin(Plugin):
 
     name: ClassVar[str] = "glm"
     version: ClassVar[str] = "0.1.0"
+    bundle_option: ClassVar[str | None] = "bundle"
+    answer_keys: ClassVar[tuple[str, ...] | None] = ("intent",)
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         super().__init__(options)
