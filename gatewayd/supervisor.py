@@ -260,7 +260,8 @@ class PluginRunner:
         #: A bundle installed by a model update, given to the main workers instead of the configured one.
         self.bundle: Path | None = None
         self.generation = 0
-        self.probe = Probe()
+        #: Set by a model update while it watches the bundle it switched to (not kept otherwise).
+        self.probe: Probe | None = None
         self.tap: Tap | None = None
         self._handover: tuple[Worker, LoadInfo] | None = None  # a loaded worker for the next generation
         self._switched = asyncio.Event()
@@ -342,28 +343,41 @@ class PluginRunner:
         self._changed.set()
         self.queue.close()
 
-    async def load_candidate(self, bundle: Path) -> tuple[Worker, LoadInfo]:
-        """A main worker loaded on ``bundle`` beside the serving ones (not serving); WorkerFailed if not."""
+    async def _loaded(self, inst: Instance, bundle: Path | None, *, own: bool) -> tuple[Worker, LoadInfo]:
+        """A worker for ``inst``'s plugin, started and loaded (on ``bundle`` if given), stopped again if
+        the load fails. ``own``: it is ``inst``'s worker, whose pid and warming ``inst`` shows; else a
+        candidate beside it."""
         threads = self.cfg.threads or self.threads
         worker = await Worker.start(threads, self.worker_env, self.cfg.cpus)
+        if own:
+            inst.worker, inst.pid = worker, worker.proc.pid
         try:
             info = await worker.load(
-                self.instances[0].target, self.cfg.options, threads, self.cfg.load_timeout_s, bundle=bundle
-            )
+                inst.target, inst.options, threads, self.cfg.load_timeout_s,
+                on_warming=(lambda: self._set(inst, State.WARMING)) if own else (lambda: None),
+                bundle=bundle,
+            )  # fmt: skip
         except BaseException:
             await worker.stop()
             raise
         return worker, info
 
-    def switch(self, bundle: Path | None, loaded: tuple[Worker, LoadInfo] | None = None) -> None:
+    async def load_candidate(self, bundle: Path) -> tuple[Worker, LoadInfo]:
+        """A main worker loaded on ``bundle`` beside the serving ones (not serving); WorkerFailed if not."""
+        return await self._loaded(self.instances[0], bundle, own=False)
+
+    def switch(
+        self, bundle: Path | None, loaded: tuple[Worker, LoadInfo] | None = None, probe: Probe | None = None
+    ) -> None:
         """Serve from ``bundle`` (None: the configured model) from each worker's next batch on.
 
         A batch in a worker finishes there and is completed as usual; then the worker is replaced,
-        the first one by ``loaded`` (no reload), so no reading is lost or processed twice.
+        the first one by ``loaded`` (no reload), so no reading is lost or processed twice. ``probe``,
+        if given, counts how the new bundle's main workers do (until it is set to None again).
         """
         self.bundle = bundle
         self.generation += 1
-        self.probe = Probe()
+        self.probe = probe
         if self._handover is not None:  # an earlier switch's worker no instance took
             self._handover[0].kill()
         self._handover = loaded
@@ -400,22 +414,15 @@ class PluginRunner:
             inst.generation = self.generation
             try:
                 if main and self._handover is not None:
-                    (inst.worker, info), self._handover = self._handover, None
-                    inst.pid = inst.worker.proc.pid
+                    (worker, info), self._handover = self._handover, None
+                    inst.worker, inst.pid = worker, worker.proc.pid
                 else:
                     self._set(inst, State.LOADING)
-                    threads = self.cfg.threads or self.threads
-                    inst.worker = await Worker.start(threads, self.worker_env, self.cfg.cpus)
-                    inst.pid = inst.worker.proc.pid
-                    info = await inst.worker.load(
-                        inst.target, inst.options, threads, self.cfg.load_timeout_s,
-                        on_warming=lambda: self._set(inst, State.WARMING),
-                        bundle=self.bundle if main else None,
-                    )  # fmt: skip
+                    worker, info = await self._loaded(inst, self.bundle if main else None, own=True)
                 self.log.info("plugin_warm", instance=inst.label, warmup_s=round(info.warmup_s, 4),
                               version=info.version, generation=inst.generation)  # fmt: skip
                 self._set(inst, State.READY)
-                await self._serve(inst, inst.worker)  # returns on stop, or to recycle the worker
+                await self._serve(inst, worker)  # returns on stop, or to recycle the worker
             except WorkerFailed as e:
                 if self._stopping:
                     break
@@ -578,8 +585,9 @@ class PluginRunner:
         if self.on_batch is not None:
             self.on_batch(inst.variant, len(batch), inference_s)
         if inst.variant == "main" and inst.generation == self.generation:
-            self.probe.readings += len(batch)
-            self.probe.latencies_ms.append(inference_s * 1000 / len(batch))
+            if self.probe is not None:
+                self.probe.readings += len(batch)
+                self.probe.latencies_ms.append(inference_s * 1000 / len(batch))
             if self.tap is not None:
                 self.tap(batch, {rid: dict(d) for rid, d in results.items()}, inference_s)
         self._complete(batch, results, inst.variant)
@@ -592,7 +600,7 @@ class PluginRunner:
             await asyncio.sleep(0)  # let the commits run between batches
 
     def _failure(self, inst: Instance, reason: str) -> None:
-        if inst.variant == "main" and inst.generation == self.generation:
+        if self.probe is not None and inst.variant == "main" and inst.generation == self.generation:
             self.probe.failures.append(reason)
 
     def _failed(self, batch: list[Reading], reason: str) -> None:

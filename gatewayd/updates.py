@@ -34,7 +34,7 @@ import structlog
 from gatewayd import bundle
 from gatewayd.config import UpdatePolicy
 from gatewayd.plugin_api import Reading
-from gatewayd.supervisor import BatchFailed, PluginRunner, Worker, WorkerFailed
+from gatewayd.supervisor import BatchFailed, PluginRunner, Probe, Worker, WorkerFailed
 
 log = structlog.get_logger("gatewayd.updates")
 
@@ -177,11 +177,7 @@ def _p95(values: list[float]) -> float:
 def _answer(data: dict[str, Any] | None, keys: tuple[str, ...] | None) -> object:
     if data is None:
         return None
-    return (
-        {k: data.get(k) for k in keys}
-        if keys is not None
-        else {k: v for k, v in data.items() if k != "variant"}
-    )
+    return data if keys is None else {k: data.get(k) for k in keys}
 
 
 class Updater:
@@ -191,8 +187,7 @@ class Updater:
     ``stage`` and ``error``) or ``verified``, ``installed``, ``loaded`` (a new worker on the new
     bundle, beside the serving ones), ``shadow`` (both models on the same live readings: agreement and
     p95 latency), ``switched`` (from each worker's next batch), then ``active`` after the probation, or
-    ``rolled_back`` (and ``rollback_failed`` if even that fails). The serving model keeps serving
-    until ``switched``; a refusal leaves it untouched.
+    ``rolled_back``. The serving model keeps serving until ``switched``; a refusal leaves it untouched.
     """
 
     def __init__(
@@ -226,24 +221,16 @@ class Updater:
         self._busy_with = cmd.id or str(cmd.bundle)
         self._task = asyncio.create_task(self.run(cmd), name=f"update:{cmd.plugin}")
 
-    async def wait(self) -> None:
-        """Until the running update, if any, is done (tests; shutdown cancels it instead)."""
-        if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
     def cancel(self) -> None:
         if self._task is not None:
             self._task.cancel()
 
     def _step(self, cid: str | None, plugin: str | None, what: str, **fields: Any) -> None:
         doc = {"id": cid, "plugin": plugin, "step": what, **fields, "ts": time.time()}
-        (log.warning if what in ("refused", "rolled_back", "rollback_failed") else log.info)(
-            "model_update", **doc
-        )
+        (log.warning if what in ("refused", "rolled_back") else log.info)("model_update", **doc)
         self.report(doc)
 
-    async def run(self, cmd: UpdateCommand, now: datetime | None = None) -> bool:
+    async def run(self, cmd: UpdateCommand) -> bool:
         """Carry out one command; True when the new bundle is serving after its probation."""
         runner = self.runners[cmd.plugin]
         policy = runner.cfg.update
@@ -254,7 +241,7 @@ class Updater:
         step("received", bundle=str(cmd.bundle))
         try:
             m = self.store.install(
-                cmd.plugin, cmd.bundle, self.trusted_keys, require_signature=self.require_signature, now=now
+                cmd.plugin, cmd.bundle, self.trusted_keys, require_signature=self.require_signature
             )
         except (bundle.BundleError, OSError) as e:
             step("refused", stage="verify", error=str(e))
@@ -281,12 +268,16 @@ class Updater:
             step("refused", stage="shadow", version=m.version, error=verdict.refusal)
             return False
         old = self.store.activate(cmd.plugin, m.version)
-        runner.switch(folder, (worker, info))
+        probe = Probe()
+        runner.switch(folder, (worker, info), probe)
         step("switched", version=m.version, previous=old.name if old else "configured")
-        failure = await self._probation(runner, policy, verdict.budget_ms)
+        try:
+            failure = await self._probation(probe, policy, verdict.budget_ms)
+        finally:
+            runner.probe = None
         if failure is None:
             self.store.prune(cmd.plugin)
-            step("active", version=m.version, readings=runner.probe.readings)
+            step("active", version=m.version, readings=probe.readings)
             return True
         step("rolled_back", version=m.version, reason=failure, to=old.name if old else "configured")
         if old is None:
@@ -352,10 +343,9 @@ class Updater:
             return Verdict(report, f"p95 {_p95(new_ms):.3g} ms per reading > budget {budget:.3g} ms", budget)
         return Verdict(report, None, budget)
 
-    async def _probation(self, runner: PluginRunner, policy: UpdatePolicy, budget_ms: float) -> str | None:
+    async def _probation(self, probe: Probe, policy: UpdatePolicy, budget_ms: float) -> str | None:
         """Why the new bundle must go (a failure, or over budget); None once it has served its probation."""
         deadline = time.monotonic() + policy.probation_timeout_s
-        probe = runner.probe
         while probe.readings < policy.probation_readings and time.monotonic() < deadline:
             if probe.failures:
                 break

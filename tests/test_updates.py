@@ -27,7 +27,7 @@ from gatewayd.testing import Mosquitto
 from gatewayd.updates import ModelStore, UpdateCommand, UpdateError, Updater, parse_command
 
 UPDATE = "gatewayd/gw1/cmd/models/update"
-TERMINAL = {"refused", "active", "rolled_back", "rollback_failed"}
+TERMINAL = {"refused", "active", "rolled_back"}
 POLICY = {"shadow_readings": 6, "shadow_timeout_s": 30, "probation_readings": 10, "probation_timeout_s": 30}
 #: An explicit budget where latency is not what a test is about: the default, twice the serving
 #: model's p95, is noise for the test plugin's ~0.1 ms answers.
