@@ -110,9 +110,20 @@ def main(argv: list[str] | None = None) -> int:
         help="a trusted public key (PEM); repeatable; with any, an unsigned bundle is refused",
     )
     ver.add_argument("--installed", metavar="VERSION", help="refuse a bundle not newer than this (rollback)")
-    from gatewayd import credentials
-
-    credentials.add_cli(sub)
+    nodes = sub.add_parser("nodes", help="node identities: OSCORE security contexts")
+    nodes_sub = nodes.add_subparsers(dest="action", required=True)
+    p = nodes_sub.add_parser(
+        "provision",
+        help="create an OSCORE context pair for a node: the gateway's side and the node's",
+        description="Writes DIR/credentials.json (name it in [security] oscore_credentials) and "
+        "DIR/contexts/NODE/ for the gateway, and the node's folder (credentials.json + context/) "
+        "to move, not copy, onto the node. Restart gatewayd to load a new node.",
+    )
+    p.add_argument("node", help="the node id it posts as (/s/NODE)")
+    p.add_argument("--dir", type=Path, required=True, help="the gateway's OSCORE folder (gatewayd writes)")
+    p.add_argument("--node-dir", type=Path, help="where the node's side goes (default: DIR/nodes/NODE)")
+    p.add_argument("--gateway", default="coap://*", help="URI the node reaches the gateway at (default: any)")
+    p.add_argument("--force", action="store_true", help="re-key a node that is already provisioned")
     demo = sub.add_parser(
         "demo", help="run a simulated node against a built-in config and print MQTT traffic"
     )
@@ -135,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "plugins":
         return _check_plugin(args.name, args.config)
     if args.cmd == "nodes":
+        # Imported here: it pulls in the intake (aiocoap, cbor2), which other commands do not need.
+        from gatewayd import credentials
+
         return credentials.cli(args)
     if args.cmd == "status":
         return _status(args.config)

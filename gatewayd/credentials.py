@@ -224,25 +224,7 @@ def client_map(path: Path) -> dict[str, Any]:
     return out
 
 
-# -- `gatewayd nodes ...` --------------------------------------------------------------------------
-
-
-def add_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``gatewayd nodes provision NODE --dir DIR``."""
-    nodes = sub.add_parser("nodes", help="node identities: OSCORE security contexts")
-    nodes_sub = nodes.add_subparsers(dest="action", required=True)
-    p = nodes_sub.add_parser(
-        "provision",
-        help="create an OSCORE context pair for a node: the gateway's side and the node's",
-        description="Writes DIR/credentials.json (name it in [security] oscore_credentials) and "
-        "DIR/contexts/NODE/ for the gateway, and the node's folder (credentials.json + context/) "
-        "to move, not copy, onto the node. Restart gatewayd to load a new node.",
-    )
-    p.add_argument("node", help="the node id it posts as (/s/NODE)")
-    p.add_argument("--dir", type=Path, required=True, help="the gateway's OSCORE folder (gatewayd writes)")
-    p.add_argument("--node-dir", type=Path, help="where the node's side goes (default: DIR/nodes/NODE)")
-    p.add_argument("--gateway", default="coap://*", help="URI the node reaches the gateway at (default: any)")
-    p.add_argument("--force", action="store_true", help="re-key a node that is already provisioned")
+# -- `gatewayd nodes provision` (its arguments are defined in gatewayd.cli) ---------------------------
 
 
 def cli(args: argparse.Namespace) -> int:

@@ -93,7 +93,7 @@ async def run(count: int = 20, interval_s: float = 0.5) -> int:
             interval_s,
             False,
             5,
-            credentials=node.node_dir / "credentials.json",
+            credentials=node.node_dir / credentials.NODE_MAP,
         )
         print(f"demo: node pump-1 posted {len(codes)} readings through OSCORE, answers: {sorted(set(codes))}")
         await asyncio.sleep(1.5)  # let the last results arrive

@@ -243,8 +243,8 @@ def quantize(
         # Symbolic shape inference needs sympy and targets transformers; ONNX shape inference suffices.
         quant_pre_process(str(upgraded), str(prepared), skip_symbolic_shape=True)
         # onnxruntime ignores unknown names silently, which would pass off a quantized node as excluded.
-        unknown = set(exclude) - {n.name for n in onnx.load(str(prepared)).graph.node}
-        if unknown:
+        # (Checked only when asked: it loads the prepared model once more.)
+        if exclude and (unknown := set(exclude) - {n.name for n in onnx.load(str(prepared)).graph.node}):
             raise ValueError(f"exclude: no node named {sorted(unknown)} in the model")
         output.parent.mkdir(parents=True, exist_ok=True)
         common = {

@@ -39,9 +39,8 @@ KNOWN: dict[str, tuple[str, dict[str, Any]]] = {
 # The shipped bundle comes from plugins/glm/make_model.py; these tests fail (not skip) without it.
 
 
-def bundle_copy(tmp_path: Path) -> Path:
-    plugin = GlmPlugin({})
-    return Path(shutil.copytree(plugin.bundle, tmp_path / "bundle"))
+def bundle_copy(tmp_path: Path, name: str = "bundle") -> Path:
+    return Path(shutil.copytree(GlmPlugin({}).bundle, tmp_path / name))
 
 
 async def test_orders_become_intents_and_bad_text_gets_clear_results(
@@ -128,7 +127,7 @@ async def test_the_gateways_signature_policy_reaches_the_plugin_workers(
 ) -> None:
     """With a trusted key in [models], the daemon's worker refuses the unsigned bundle; the same
     bundle signed with that key loads and answers."""
-    unsigned, signed = bundle_copy(tmp_path), Path(shutil.copytree(GlmPlugin({}).bundle, tmp_path / "signed"))
+    unsigned, signed = bundle_copy(tmp_path), bundle_copy(tmp_path, "signed")
     private, public = generate_keypair(tmp_path / "keys", "vendor")
     sign_bundle(signed, private)
     plugins = [

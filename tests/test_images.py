@@ -18,7 +18,7 @@ import cbor2
 import pytest
 from aiocoap.numbers import codes
 from coapfuzz import encode
-from conftest import collect, make_config, post, running, udp_port
+from conftest import collect, make_config, post, running, send_datagram, udp_port
 from PIL import Image
 from test_e2e import coap_client_exe
 
@@ -53,9 +53,7 @@ def block(mid: int, node: str, body: bytes, num: int, size1: int | None = None) 
 
 
 async def exchange(sock: socket.socket, port: int, datagram: bytes) -> aiocoap.Message:
-    loop = asyncio.get_running_loop()
-    await loop.sock_sendto(sock, datagram, ("127.0.0.1", port))
-    return aiocoap.Message.decode(await asyncio.wait_for(loop.sock_recv(sock, 2048), 5))
+    return aiocoap.Message.decode(await send_datagram(port, datagram, sock))
 
 
 def udp_socket() -> socket.socket:

@@ -15,7 +15,6 @@ import os
 import random
 import subprocess
 import sys
-import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from aiocoap import oscore
 from aiocoap.numbers import codes
 from conftest import collect, logged, make_config, post, running, send_datagram, udp_port
 from prometheus_client.parser import text_string_to_metric_families
+from test_metrics import fetch, metrics_on
 
 from gatewayd import cli, config, credentials, simulator
 from gatewayd import log as gatewayd_log
@@ -122,19 +122,9 @@ async def send_raw(port: int, datagram: bytes) -> aiocoap.Message:
     return aiocoap.Message.decode(await send_datagram(port, datagram, timeout=10.0))
 
 
-def metrics_on() -> dict[str, Any]:
-    return {"enabled": True, "port": free_port()}
-
-
-def _scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        text: str = resp.read().decode()
-    return text
-
-
 async def refusals(port: int) -> dict[tuple[str, str], float]:
     """gatewayd_requests_refused_total by (code, reason), scraped from the metrics endpoint."""
-    text = await asyncio.to_thread(_scrape, port)
+    text = await asyncio.to_thread(fetch, port)
     return {
         (s.labels["code"], s.labels["reason"]): s.value
         for fam in text_string_to_metric_families(text)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the shipped detector: PP-OCRv4's (from rapidocr-onnxruntime) statically quantized to INT8.
 
-    .venv/bin/python plugins/meter_ocr/make_model.py [--calibration 64] [--eval 200] [--threads 1]
+    .venv/bin/python plugins/meter_ocr/make_model.py [--calibration 128] [--eval 200] [--threads 1]
 
 Needs the ``models`` extra of gatewayd (onnx, tqdm). Steps, all measured in this run:
 

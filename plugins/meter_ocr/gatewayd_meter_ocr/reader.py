@@ -145,6 +145,12 @@ Point = tuple[float, float]
 Quad = tuple[Point, Point, Point, Point]
 
 
+def _box(quad: Quad) -> tuple[float, float, float, float]:
+    """Axis-aligned x0, y0, x1, y1 around ``quad``."""
+    xs, ys = [p[0] for p in quad], [p[1] for p in quad]
+    return (min(xs), min(ys), max(xs), max(ys))
+
+
 @dataclass(frozen=True)
 class Region:
     """One recognised text region, in pixels of the (ROI-cropped) frame."""
@@ -157,8 +163,7 @@ class Region:
     @property
     def box(self) -> tuple[float, float, float, float]:
         """Axis-aligned x0, y0, x1, y1."""
-        xs, ys = [p[0] for p in self.quad], [p[1] for p in self.quad]
-        return (min(xs), min(ys), max(xs), max(ys))
+        return _box(self.quad)
 
     @property
     def height(self) -> float:
@@ -205,8 +210,12 @@ class MeterReader:
 
     def __init__(self, options: ReaderOptions | None = None) -> None:
         # Imported here so that importing the module (e.g. for ReaderOptions) stays cheap.
+        from rapidocr_onnxruntime import RapidOCR
         from rapidocr_onnxruntime.ch_ppocr_det import TextDetector
         from rapidocr_onnxruntime.ch_ppocr_rec import TextRecognizer
+
+        # Reading order: top to bottom, then left to right within a line (rapidocr's own sort).
+        self._sorted_boxes = RapidOCR.sorted_boxes
 
         self.options = options or ReaderOptions()
         o = self.options
@@ -386,16 +395,7 @@ class MeterReader:
         boxes, _ = self._det(small)
         if boxes is None or len(boxes) == 0:
             return []
-        quads = [np.asarray(b, dtype=np.float32) / np.float32(scale) for b in boxes]
-        # Reading order: top to bottom, then left to right within a line (rapidocr's rule).
-        quads.sort(key=lambda q: (float(q[0][1]), float(q[0][0])))
-        for i in range(len(quads) - 1):
-            for j in range(i, -1, -1):
-                if abs(quads[j + 1][0][1] - quads[j][0][1]) < 10 and quads[j + 1][0][0] < quads[j][0][0]:
-                    quads[j], quads[j + 1] = quads[j + 1], quads[j]
-                else:
-                    break
-        return quads
+        return list(self._sorted_boxes(np.asarray(boxes, dtype=np.float32) / np.float32(scale)))
 
 
 def decode(image: bytes) -> ImageArray:
@@ -409,8 +409,6 @@ def decode(image: bytes) -> ImageArray:
             im.load()
             # Phone/IP cameras may store the frame sideways with an EXIF orientation tag.
             rgb = ImageOps.exif_transpose(im).convert("RGB")
-    except ValueError:
-        raise
     except (OSError, Image.DecompressionBombError, SyntaxError) as e:
         raise ValueError(f"not a decodable image: {e}") from e
     return np.asarray(cv2.cvtColor(np.asarray(rgb), cv2.COLOR_RGB2BGR), dtype=np.uint8)
@@ -459,8 +457,7 @@ class _Line:
 
     @property
     def box(self) -> tuple[float, float, float, float]:
-        xs, ys = [p[0] for p in self.quad], [p[1] for p in self.quad]
-        return (min(xs), min(ys), max(xs), max(ys))
+        return _box(self.quad)
 
 
 def _join_lines(regions: Sequence[Region]) -> list[_Line]:
