@@ -79,8 +79,13 @@ class PluginQueue:
             if self._items:
                 break
             # Another worker of this plugin took them while we waited: wait again.
-        batch = [self._items.popleft() for _ in range(min(max_batch, len(self._items)))]
-        self._taken += len(batch)
+        batch = self.take(max_batch)
         if self._items:
             self._arrived.set()  # another worker of this plugin may take the rest
+        return batch
+
+    def take(self, n: int) -> list[Reading]:
+        """Up to ``n`` waiting readings, now (``next_batch`` waits for a batch to fill)."""
+        batch = [self._items.popleft() for _ in range(min(n, len(self._items)))]
+        self._taken += len(batch)
         return batch

@@ -141,7 +141,15 @@ class Worker:
 
     async def process(self, batch: list[Reading], deadline_s: float) -> Results:
         """Results by reading id; BatchFailed if the plugin raised, WorkerFailed if the worker is lost."""
+        self.send(batch)
+        return await self.reply(batch, deadline_s)
+
+    def send(self, batch: list[Reading]) -> None:
+        """Queue a batch in the worker's pipe; it runs batches in the order sent, one reply each."""
         self._send({"op": "process", "batch": [reading_to_wire(r) for r in batch]})
+
+    async def reply(self, batch: list[Reading], deadline_s: float) -> Results:
+        """The reply to ``batch``, the oldest batch sent and not yet answered (see ``process``)."""
         try:
             reply = await asyncio.wait_for(self._receive(), deadline_s)
         except TimeoutError:
@@ -164,10 +172,9 @@ class Worker:
 
     def _send(self, obj: Any) -> None:
         assert self.proc.stdin is not None
-        try:
+        # A closed pipe is a worker that exited: its reply, awaited next, says so with its exit code.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self.proc.stdin.write(encode_frame(obj))
-        except (BrokenPipeError, ConnectionResetError) as e:
-            raise WorkerFailed(f"worker pipe closed: {e}") from None
 
     async def _receive(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
@@ -272,6 +279,7 @@ class PluginRunner:
         self.errors = 0
         self.expired = 0
         self.recycled = 0
+        self.sent_ahead = 0  # batches sent while the worker ran the one before
         #: Readings completed, by variant: main, fallback, degraded, expired, error.
         self.results: dict[str, int] = {}
         self.last_error = ""
@@ -487,18 +495,31 @@ class PluginRunner:
             batch = await self.queue.next_batch(self.cfg.max_batch, self.cfg.max_wait_ms / 1000)
             if not batch:
                 return []
-            try:
-                if self._suspects and len(batch) > 1:
-                    alone = next((r for r in batch if r.id in self._suspects), None)
-                    if alone is not None:
-                        self.queue.requeue([r for r in batch if r is not alone])
-                        batch = [alone]
-                batch = self._drop_expired(batch)
-            except asyncio.CancelledError:
-                self.queue.requeue(batch)
-                raise
-            if batch:
+            if batch := self._shaped(batch):
                 return batch
+
+    def _shaped(self, batch: list[Reading]) -> list[Reading]:
+        if self._suspects and len(batch) > 1:
+            alone = next((r for r in batch if r.id in self._suspects), None)
+            if alone is not None:
+                self.queue.requeue([r for r in batch if r is not alone])
+                batch = [alone]
+        return self._drop_expired(batch)
+
+    def _ahead(self, inst: Instance, worker: Worker) -> list[Reading]:
+        """A full batch to send while the worker runs the current one, if one is waiting and no
+        other plugin waits for a slot: the worker then never idles for the event loop's turn.
+        None with ``max_age_s``: a reading's age is judged when its turn comes, not a batch early."""
+        if (
+            self.cfg.max_age_s is not None
+            or self.queue.waiting < self.cfg.max_batch
+            or self.slots.waiting
+            or self.queue.closed
+            or (inst.variant == "main" and inst.generation != self.generation)
+            or self._over_memory(worker)
+        ):
+            return []
+        return self._shaped(self.queue.take(self.cfg.max_batch))
 
     def _drop_expired(self, batch: list[Reading]) -> list[Reading]:
         if self.cfg.max_age_s is None:
@@ -546,12 +567,12 @@ class PluginRunner:
                     await self._sleep(delay)
                     self._set(inst, State.READY)
                     continue
-                limit = self.cfg.memory_limit_mb
-                if limit is not None and (rss := worker.rss_mb()) > limit:
+                if rss := self._over_memory(worker):
                     self.recycled += 1
                     self.log.warning(
-                        "worker_recycled", instance=inst.label, rss_mb=round(rss, 1), limit_mb=limit
-                    )
+                        "worker_recycled", instance=inst.label, rss_mb=round(rss, 1),
+                        limit_mb=self.cfg.memory_limit_mb,
+                    )  # fmt: skip
                     return
         finally:
             exited.cancel()
@@ -559,28 +580,54 @@ class PluginRunner:
             if taking is not None:
                 taking.cancel()  # when we are cancelled (fallback off), no orphan may take a batch
 
+    def _over_memory(self, worker: Worker) -> float:
+        """The worker's RSS in MB if it is over ``memory_limit_mb`` (to be recycled), else 0."""
+        limit = self.cfg.memory_limit_mb
+        return rss if limit is not None and (rss := worker.rss_mb()) > limit else 0.0
+
     async def _run_batch(self, inst: Instance, worker: Worker, batch: list[Reading]) -> None:
-        t0 = time.monotonic()
+        """Run ``batch``, and the full batches sent ahead of their turn (``_ahead``), under one slot."""
+        unanswered = [batch]  # oldest first: what a failure gives back to the queue
         try:
             async with self.slots.slot(self.cfg.priority):
-                t1 = time.monotonic()
-                results = await worker.process(batch, self.cfg.deadline_s)
-                inference_s = time.monotonic() - t1
+                worker.send(batch)
+                while unanswered:
+                    if len(unanswered) == 1 and (ahead := self._ahead(inst, worker)):
+                        worker.send(ahead)
+                        unanswered.append(ahead)
+                        self.sent_ahead += 1
+                    t0 = time.monotonic()
+                    results = await worker.reply(unanswered[0], self.cfg.deadline_s)
+                    self._done(inst, unanswered.pop(0), results, time.monotonic() - t0)
         except BatchFailed as e:
-            self.log.warning("batch_failed", instance=inst.label, error=str(e), size=len(batch))
+            failed, *rest = unanswered
+            self.log.warning("batch_failed", instance=inst.label, error=str(e), size=len(failed))
             self._failure(inst, str(e))
-            self._failed(batch, str(e))
+            self._requeue(rest)
+            self._failed(failed, str(e))
+            if rest:  # the worker runs it anyway: its reply must leave the pipe
+                with contextlib.suppress(BatchFailed):
+                    await worker.reply(rest[0], self.cfg.deadline_s)
             raise
         except WorkerFailed as e:
+            failed, *rest = unanswered
+            self._requeue(rest)
             if e.not_ready:
-                self.queue.requeue(batch)
+                self.queue.requeue(failed)
             else:
-                self._failed(batch, str(e))
+                self._failed(failed, str(e))
             raise
-        except asyncio.CancelledError:
-            self.queue.requeue(batch)  # the fallback was switched off mid-batch
+        except asyncio.CancelledError:  # the fallback was switched off mid-batch
+            self._requeue(unanswered)
             raise
-        self._latency_s = 0.8 * self._latency_s + 0.2 * (time.monotonic() - t0)
+
+    def _requeue(self, batches: list[list[Reading]]) -> None:
+        """Give back taken batches (oldest first) in front of the queue, in their order."""
+        for batch in reversed(batches):
+            self.queue.requeue(batch)
+
+    def _done(self, inst: Instance, batch: list[Reading], results: Results, inference_s: float) -> None:
+        self._latency_s = 0.8 * self._latency_s + 0.2 * inference_s
         self.batch_sizes.append(len(batch))
         if self.on_batch is not None:
             self.on_batch(inst.variant, len(batch), inference_s)

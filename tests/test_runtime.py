@@ -200,6 +200,30 @@ async def test_failing_reading_in_a_batch_is_isolated(
     assert len(errors) == 1 and "boom requested" in errors[0]["error"] and errors[0]["variant"] == "error"
 
 
+@pytest.mark.parametrize("fault", ["boom", "crash"])
+async def test_a_batch_sent_ahead_survives_a_failure_of_the_one_before(
+    tmp_path: Path, broker: Mosquitto, coap_client: aiocoap.Context, fault: str
+) -> None:
+    """With a backlog the next full batch waits in the worker's pipe; when the batch before it raises or
+    kills the worker, every reading still gets exactly one result, in the node's order."""
+    cfg = make_config(tmp_path, broker.port, plugins=[echo("ahead", max_batch=2, max_attempts=2)])
+    names = ["slow", "r0", fault, "r1", "r2", "r3", "r4", "r5"]
+    bodies = [{"sleep": 0.5} if n == "slow" else {n: 1} for n in names]
+    async with collect(broker.port) as got, running(cfg) as app:
+        await got.wait(lambda g: states(g, "ahead")[-1:] == ["ready"])
+        for body in bodies:  # one by one: the node's order is the order of posting
+            assert (await post(coap_client, cfg.coap.port, "n", cbor2.dumps(body))).code == codes.CHANGED
+        await got.wait(lambda g: len(results(g, "ahead")) == len(names))
+        await asyncio.sleep(0.3)  # no second result for any reading
+        sent_ahead = app.runners[0].sent_ahead
+    out = results(got, "ahead")
+    seen = ["error" if "error" in r else "slow" if r["fields"] == ["sleep"] else r["fields"][0] for r in out]
+    assert seen == [n if n != fault else "error" for n in names]
+    error = next(r["error"] for r in out if "error" in r)
+    assert ("boom requested" if fault == "boom" else "exited with code 3") in error
+    assert sent_ahead >= 1
+
+
 async def test_higher_priority_is_served_first_under_contention(
     tmp_path: Path, broker: Mosquitto, coap_client: aiocoap.Context
 ) -> None:
