@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import itertools
 import random
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -248,7 +249,8 @@ def site(
 
 
 class _Shedder:
-    """While intake is at ``max_inflight_requests``, answer new requests 5.03 before aiocoap parses them.
+    """While intake is at ``max_inflight_requests``, or for a request that waited longer than
+    ``shed_after_ms`` in the socket (the gateway is behind), answer 5.03 before aiocoap parses it.
 
     A retransmission of a request aiocoap already took (the duplicate cache knows
     it) still goes to aiocoap, so it gets that request's answer, not a 5.03 that
@@ -259,6 +261,7 @@ class _Shedder:
         self.intake = intake
         self.cache = cache
         self.retry_after_s = cfg.overload_retry_after_s
+        self.shed_after_s = cfg.shed_after_ms / 1000
         self.on_response = on_response
         self.refusal = Unavailable("overloaded", cfg.overload_retry_after_s, "overloaded")
         self.mids = itertools.count(random.randrange(0x10000))
@@ -276,6 +279,17 @@ class _Shedder:
         return answer
 
 
+def _receive_buffer(sock: socket.socket, wanted: int) -> None:
+    """Ask for a receive buffer that holds a burst; Linux caps it at net.core.rmem_max, silently."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, wanted)
+    got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # Linux reports twice the size
+    if got < wanted:
+        log.warning(
+            "coap_receive_buffer_capped", wanted_bytes=wanted, got_bytes=got,
+            hint=f"sysctl net.core.rmem_max={wanted} lets the kernel queue a burst instead of dropping it",
+        )  # fmt: skip
+
+
 async def serve(
     intake: Intake, cfg: CoapConfig, on_response: OnResponse | None = None, access: Access | None = None
 ) -> tuple[aiocoap.Context, list[DedupCache], Block1Spool]:
@@ -291,7 +305,9 @@ async def serve(
             cache.install(ri.token_interface)
             caches.append(cache)
             shedder = _Shedder(intake, cache, cfg, on_response or _not_counted)
-            coapguard.harden_udp(ri.token_interface.message_interface, shedder)
+            interface = ri.token_interface.message_interface
+            _receive_buffer(interface.transport.get_extra_info("socket"), cfg.receive_buffer_bytes)
+            coapguard.harden_udp(interface, shedder)
     if not caches:
         raise RuntimeError("aiocoap's UDP message manager not found: cannot bound duplicate memory")
     return ctx, caches, root._readings.uploads

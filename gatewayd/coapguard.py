@@ -20,6 +20,8 @@ Block1 reassembly (4.08 for a gap, bounded memory) is in :mod:`gatewayd.uploads`
 from __future__ import annotations
 
 import socket
+import struct
+import time
 from typing import Any, Protocol
 
 import aiocoap
@@ -134,6 +136,9 @@ def decode_lenient(data: bytes, remote: Any) -> aiocoap.Message:
 class Shedder(Protocol):
     """Answers requests without aiocoap while the gateway is overloaded (see ``overload_answer``)."""
 
+    #: A request that waited longer than this (seconds) in the socket's receive queue is shed.
+    shed_after_s: float
+
     def active(self) -> bool: ...
 
     def answer(self, data: bytes, remote: UDP6EndpointAddress) -> bytes | None: ...
@@ -162,26 +167,37 @@ def overload_answer(data: bytes, max_age: int, mid: int, diagnostic: bytes = b"o
     return head + data[4 : 4 + tkl] + max_age_option + b"\xff" + diagnostic
 
 
-#: Datagrams read per wakeup of the event loop at most, so one busy socket cannot starve the rest.
+#: Datagrams handed to aiocoap per wakeup of the event loop at most, so that parsing them cannot
+#: starve the rest of the loop; datagrams answered unparsed (a few µs each) do not count.
 READ_BURST = 64
+#: Datagrams read per wakeup at most, shed ones included: a bound on one callback's time.
+READ_MAX = 4096
+
+#: Linux's SO_TIMESTAMP (asm-generic; x86 and ARM alike): each datagram carries its arrival time.
+SO_TIMESTAMP = 29
+_TIMEVAL = struct.Struct("@ll")  # struct timeval, native longs as the kernel writes it
 
 
 def harden_udp(interface: Any, shedder: Shedder | None = None) -> None:
-    """Wrap an aiocoap UDP6 message interface's receive callback (see the module docstring)."""
+    """Wrap an aiocoap UDP6 message interface's receive callback (see the module docstring), and
+    read its socket in bursts; with a ``shedder``, requests that waited too long are answered 5.03."""
     received = interface.datagram_msg_received
     log = interface.log
-
-    received_count = [0]
+    parsed = [0]
+    sock = interface.transport.get_extra_info("socket")
+    if shedder is not None:
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP, 1)
 
     def datagram_msg_received(data: bytes, ancdata: Any, flags: int, address: Any) -> None:
-        received_count[0] += 1
-        if shedder is not None and shedder.active():
-            pktinfo = _pktinfo(ancdata)
-            answer = shedder.answer(data, UDP6EndpointAddress(address, interface, pktinfo=pktinfo))
-            if answer is not None:
-                anc = [] if pktinfo is None else [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, pktinfo)]
-                interface.transport.sendmsg(answer, anc, 0, address)
-                return
+        if shedder is not None:
+            pktinfo, waited, ancdata = _ancillary(ancdata)
+            if waited > shedder.shed_after_s or shedder.active():
+                answer = shedder.answer(data, UDP6EndpointAddress(address, interface, pktinfo=pktinfo))
+                if answer is not None:
+                    anc = [] if pktinfo is None else [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, pktinfo)]
+                    interface.transport.sendmsg(answer, anc, 0, address)
+                    return
+        parsed[0] += 1
         try:
             received(data, ancdata, flags, address)
             return
@@ -197,7 +213,8 @@ def harden_udp(interface: Any, shedder: Shedder | None = None) -> None:
                 log.debug("exception from dispatch_message swallowed: %r", e)
                 return
         try:
-            message = decode_lenient(data, UDP6EndpointAddress(address, interface, pktinfo=_pktinfo(ancdata)))
+            pktinfo = _ancillary(ancdata)[0]
+            message = decode_lenient(data, UDP6EndpointAddress(address, interface, pktinfo=pktinfo))
         except UnparsableMessage:
             log.warning("Ignoring unparsable message from %s", address)
             return
@@ -210,23 +227,43 @@ def harden_udp(interface: Any, shedder: Shedder | None = None) -> None:
 
     # aiocoap's transport reads one datagram per wakeup of the event loop: under load the kernel's
     # receive buffer overflowed (datagrams dropped unanswered) while the loop was not even busy.
-    # Read until the socket is empty, a bounded burst at a time. (Its reader callback looks
-    # ``_read_ready`` up on the instance each time.)
+    # Read until the socket is empty, in bounded bursts. (Its reader callback looks ``_read_ready``
+    # up on the instance each time.)
     transport = interface.transport
     read_one = transport._read_ready
+    max_size = transport.max_size
 
     def read_burst() -> None:
-        for _ in range(READ_BURST):
-            before = received_count[0]
-            read_one()
-            if received_count[0] == before:
+        read_one()  # aiocoap's own: the error queue (ICMP errors for its CONs), then one datagram
+        start = parsed[0]
+        for _ in range(READ_MAX):
+            if parsed[0] - start >= READ_BURST:
                 return
+            try:
+                data, ancdata, flags, address = sock.recvmsg(max_size, 1024)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # as aiocoap's reader does
+                interface.error_received(e)
+                return
+            datagram_msg_received(data, ancdata, flags, address)
 
     transport._read_ready = read_burst
 
 
-def _pktinfo(ancdata: Any) -> bytes | None:
-    for level, kind, cdata in ancdata:
+def _ancillary(ancdata: Any) -> tuple[bytes | None, float, list[Any]]:
+    """The datagram's IPV6_PKTINFO, how long it waited since it arrived (0 if not stamped), and the
+    ancillary data without the stamp (aiocoap logs every kind it does not know, per datagram)."""
+    pktinfo = None
+    waited = 0.0
+    rest = []
+    for item in ancdata:
+        level, kind, cdata = item
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMP and len(cdata) >= _TIMEVAL.size:
+            sec, usec = _TIMEVAL.unpack_from(cdata)
+            waited = time.time() - sec - usec / 1e6
+            continue
         if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO:
-            return bytes(cdata)
-    return None
+            pktinfo = bytes(cdata)
+        rest.append(item)
+    return pktinfo, waited, rest

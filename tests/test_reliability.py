@@ -18,7 +18,7 @@ import aiocoap
 import cbor2
 import pytest
 from aiocoap.numbers import codes
-from conftest import collect, make_config, post, running, udp_port
+from conftest import collect, logged, make_config, post, running, udp_port
 
 from gatewayd.testing import Mosquitto
 
@@ -195,9 +195,26 @@ async def test_overload_is_answered_503_and_recovers(tmp_path: Path, coap_client
         assert elapsed < 10
 
 
-async def test_overload_sheds_new_requests_but_answers_retransmissions(tmp_path: Path) -> None:
-    """At the in-flight limit a new CON is answered 5.03 + Max-Age before aiocoap parses it, while a
-    retransmission of a request already taken still gets that request's own 2.04."""
+async def test_a_capped_receive_buffer_is_logged_with_the_sysctl(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The kernel caps SO_RCVBUF at net.core.rmem_max without a word; gatewayd says so, and how to lift it."""
+    with open("/proc/sys/net/core/rmem_max") as f:  # noqa: ASYNC230 - a procfs read, never blocks
+        rmem_max = int(f.read())
+    with Mosquitto() as broker:
+        cfg = make_config(tmp_path, broker.port, coap={"receive_buffer_bytes": rmem_max + 4096})
+        async with running(cfg):
+            pass
+    (capped,) = logged(caplog, "coap_receive_buffer_capped")
+    assert (capped["wanted_bytes"], capped["got_bytes"]) == (rmem_max + 4096, rmem_max)
+    assert f"net.core.rmem_max={rmem_max + 4096}" in capped["hint"]
+
+
+@pytest.mark.parametrize("cause", ["inflight", "waited"])
+async def test_overload_sheds_new_requests_but_answers_retransmissions(tmp_path: Path, cause: str) -> None:
+    """At the in-flight limit, or after waiting in the socket longer than shed_after_ms (the gateway
+    is behind), a new CON is answered 5.03 + Max-Age before aiocoap parses it, while a retransmission
+    of a request already taken still gets that request's own 2.04; once caught up, 2.04 again."""
     import socket
 
     def con(mid: int, i: int) -> bytes:
@@ -213,20 +230,27 @@ async def test_overload_sheds_new_requests_but_answers_retransmissions(tmp_path:
         )
 
     with Mosquitto() as broker:
-        cfg = make_config(tmp_path, broker.port, coap={"overload_retry_after_s": 4})
+        cfg = make_config(tmp_path, broker.port, coap={"overload_retry_after_s": 4, "shed_after_ms": 100})
         async with running(cfg) as app:
             assert app.intake is not None
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             sock.settimeout(5)
+            gateway = ("127.0.0.1", cfg.coap.port)
             try:
-                sock.sendto(con(0x0101, 1), ("127.0.0.1", cfg.coap.port))
+                sock.sendto(con(0x0101, 1), gateway)
                 first = await asyncio.to_thread(sock.recv, 2048)
-                app.intake.inflight = app.intake.max_inflight  # as if max_inflight requests were being stored
-                sock.sendto(con(0x0101, 1), ("127.0.0.1", cfg.coap.port))  # the same CON again
+                if cause == "inflight":
+                    app.intake.inflight = app.intake.max_inflight  # as if that many were being stored
+                sock.sendto(con(0x0101, 1), gateway)  # the same CON again
+                sock.sendto(con(0x0202, 2), gateway)  # a new one
+                if cause == "waited":
+                    time.sleep(0.3)  # the event loop stands still: both wait in the socket
                 again = await asyncio.to_thread(sock.recv, 2048)
-                sock.sendto(con(0x0202, 2), ("127.0.0.1", cfg.coap.port))  # a new one
                 shed = aiocoap.Message.decode(await asyncio.to_thread(sock.recv, 2048))
                 shed_early = app.intake.shed_early
+                app.intake.inflight = 0
+                sock.sendto(con(0x0303, 3), gateway)
+                fresh = await asyncio.to_thread(sock.recv, 2048)
             finally:
                 app.intake.inflight = 0
                 sock.close()
@@ -239,3 +263,4 @@ async def test_overload_sheds_new_requests_but_answers_retransmissions(tmp_path:
     )
     assert shed.opt.max_age == 4 and shed.payload == b"overloaded"
     assert shed_early == 1  # answered by the front, not by intake after aiocoap parsed it
+    assert fresh[1] == 0x44 and fresh[2:4] == b"\x03\x03"

@@ -67,6 +67,7 @@ from bench_ingest import (
     workdir,
 )
 
+from gatewayd.config import CoapConfig
 from gatewayd.testing import Mosquitto
 
 CODE_UNAVAILABLE = 0xA3  # 5.03
@@ -488,12 +489,23 @@ async def sampler(server_pid: int, port: int, gen: OpenLoop, out: list[Sample], 
             return
 
 
+#: The [coap] settings this benchmark can change, by command-line option (0: the default).
+COAP_OPTIONS = {
+    "max_inflight": "max_inflight_requests",
+    "empty_ack_delay": "empty_ack_delay_s",
+    "shed_after_ms": "shed_after_ms",
+    "receive_buffer": "receive_buffer_bytes",
+}
+
+
+def coap_overrides(args: argparse.Namespace) -> dict[str, float]:
+    return {key: getattr(args, opt) for opt, key in COAP_OPTIONS.items() if getattr(args, opt)}
+
+
 async def run(args: argparse.Namespace) -> Result:
     res = Result()
     gw = "overload"
-    coap: dict[str, float] = {"max_inflight_requests": args.max_inflight} if args.max_inflight else {}
-    if args.empty_ack_delay:
-        coap["empty_ack_delay_s"] = args.empty_ack_delay
+    coap = coap_overrides(args)
     with workdir() as wd, broker_unbounded_queue(Mosquitto()) as broker:
         assert broker.proc is not None
         mq = MqttTally(broker.port, gw)
@@ -589,16 +601,24 @@ async def phases(
 # --- report ----------------------------------------------------------------------------------------
 
 
+def coap_settings(args: argparse.Namespace) -> str:
+    given = coap_overrides(args)
+    defaults = CoapConfig()
+    return ", ".join(
+        f"{key} = {given[key]:g}" if key in given else f"{key} = {getattr(defaults, key):g} (default)"
+        for key in COAP_OPTIONS.values()
+    )
+
+
 def report(res: Result, args: argparse.Namespace) -> bool:
     t = res.tally
     ok = t.codes[CODE_CHANGED]
     print(
         f"gatewayd {importlib.metadata.version('gatewayd')} (durable store FULL, MQTT QoS 1 to a local"
-        f" Mosquitto, plugin {PLUGIN} x1, rate limit off, [coap] max_inflight_requests ="
-        f" {args.max_inflight or '512 (default)'},"
-        f" empty_ack_delay_s = {args.empty_ack_delay or '0.1 (default)'}),"
+        f" Mosquitto, plugin {PLUGIN} x1, rate limit off, [coap] {coap_settings(args)}),"
         f" Python {sys.version.split()[0]},"
-        f" aiocoap {importlib.metadata.version('aiocoap')}, {os.cpu_count()} CPUs shared by everything."
+        f" aiocoap {importlib.metadata.version('aiocoap')}, {os.cpu_count()} CPUs shared by everything,"
+        f" net.core.rmem_max = {Path('/proc/sys/net/core/rmem_max').read_text().strip()}."
     )
     print(
         f"capacity (closed loop, C={args.concurrency}, {args.cap_seconds:g} s): {res.capacity:.0f} req/s,"
@@ -731,6 +751,8 @@ def main() -> int:
     )
     ap.add_argument("--max-inflight", type=int, default=0, help="[coap] max_inflight_requests; 0: default")
     ap.add_argument("--empty-ack-delay", type=float, default=0.0, help="[coap] empty_ack_delay_s; 0: default")
+    ap.add_argument("--shed-after-ms", type=float, default=0.0, help="[coap] shed_after_ms; 0: default")
+    ap.add_argument("--receive-buffer", type=int, default=0, help="[coap] receive_buffer_bytes; 0: default")
     ap.add_argument("--nodes", type=int, default=2000, help="distinct node ids of the overload")
     ap.add_argument("--sockets", type=int, default=256, help="UDP sockets the overload is sent from")
     ap.add_argument("--rss-bound-mb", type=float, default=300.0, help="bound on gatewayd + worker RSS")

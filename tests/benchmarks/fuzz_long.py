@@ -85,7 +85,8 @@ async def fuzz(args: argparse.Namespace, workdir: Path) -> int:
         port = free_udp6_port()
         cfg = workdir / "gatewayd.toml"
         cfg.write_text(
-            f'[gateway]\nid = "fuzz"\n\n[coap]\nbind = "{HOST}"\nport = {port}\n\n'
+            f'[gateway]\nid = "fuzz"\n\n[coap]\nbind = "{HOST}"\nport = {port}\n'
+            "shed_after_ms = 10000\n\n"  # every datagram parsed: a shed 5.03 would hide what is fuzzed
             f'[store]\npath = "{workdir / "fuzz.db"}"\n\n'
             f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n\n'
             "[limits]\nrate_per_s = 0\n\n[metrics]\nenabled = false\n\n"
