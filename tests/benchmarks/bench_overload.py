@@ -605,7 +605,7 @@ def coap_settings(args: argparse.Namespace) -> str:
     given = coap_overrides(args)
     defaults = CoapConfig()
     return ", ".join(
-        f"{key} = {given[key]:g}" if key in given else f"{key} = {getattr(defaults, key):g} (default)"
+        f"{key} = {given[key]}" if key in given else f"{key} = {getattr(defaults, key)} (default)"
         for key in COAP_OPTIONS.values()
     )
 
