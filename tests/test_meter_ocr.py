@@ -15,6 +15,7 @@ from aiocoap.numbers import codes
 from conftest import collect, make_config, post, running
 from gatewayd_meter_ocr.frames import render
 from gatewayd_meter_ocr.plugin import MeterOcrPlugin
+from gatewayd_meter_ocr.reader import ReaderOptions, Region, _confirmed, _seed_line, extract
 from PIL import Image
 from test_e2e import coap_client_exe
 from test_images import block, exchange, udp_socket
@@ -129,3 +130,27 @@ def test_plugin_without_the_daemon_via_the_harness() -> None:
     by_id = {r.reading_id: r.data for r in results}
     assert by_id["r-1"]["text"] == "0427.3" and by_id["r-1"]["value"] == 427.3
     assert "no image" in by_id["r-2"]["error"]
+
+
+def _region(text: str, probs: list[float], x0: float, x1: float, y0: float = 100, y1: float = 160) -> Region:
+    return Region(text, min(probs), tuple(probs), ((x0, y0), (x1, y0), (x1, y1), (x0, y1)))
+
+
+def test_full_width_digits_are_digits() -> None:
+    """PP-OCRv4 (a Chinese dictionary) writes some drums as full-width digits: the same digits."""
+    opts = ReaderOptions(digits=7, decimals=0)
+    out = extract([_region("0999\uff16\uff166", [0.99] * 7, 10, 300)], opts)
+    assert out.value == "0999666" and out.reason == "ok"
+
+
+def test_a_row_re_read_counts_digits_both_looks_saw_but_not_a_doubtful_new_one() -> None:
+    """Rule 7: the row strip reads the digits at its ends with less context; a digit the first look
+    saw confidently, in order, is confirmed by the second, a digit only the strip saw is not."""
+    opts = ReaderOptions(digits=4, decimals=0)
+    seed = _seed_line([_region("712", [1.0, 0.98, 1.0], 60, 200)], opts)
+    assert seed is not None
+    row = _region("0712", [0.97, 0.88, 0.79, 0.87], 0, 200)
+    assert extract([row], opts).reason == "low_confidence"  # the strip alone is not sure of the 1
+    assert extract([_confirmed(row, seed)], opts).value == "0712"
+    new_doubtful = _region("0712", [0.6, 0.88, 0.79, 0.87], 0, 200)
+    assert extract([_confirmed(new_doubtful, seed)], opts).reason == "low_confidence"
