@@ -176,7 +176,7 @@ def _decode_senml(doc: Any, now: float) -> list[Draft]:
             if not isinstance(raw, bytes):
                 raise BadPayload(f"{where}vd must be a byte string")
             value = raw
-        t = bt + (_number(rec[_T], f"{where}t") if _T in rec else 0.0)
+        t = float(bt + (_number(rec[_T], f"{where}t") if _T in rec else 0.0))  # int bt + int t is an int
         ts = now + t if t < _RELATIVE_TIME_LIMIT else t
         if not math.isfinite(ts):  # bt + t can overflow: 1e308 + 1e308 is inf
             raise BadPayload(f"{where}time out of range")

@@ -161,6 +161,12 @@ def test_codec_fuzz_raw_bytes() -> None:
     assert _fuzz(st.binary(max_size=64), 2000) >= 50_000
 
 
+def test_senml_integer_times_give_a_float_timestamp() -> None:
+    """Integer bt and t (absolute: t >= 2**28) were summed into an int ts (found by this file)."""
+    (draft,) = codec.decode(112, cbor2.dumps([{-2: "0"}, {3: "", -3: 0, 6: 2**28}]), now=NOW)
+    assert isinstance(draft.ts, float) and draft.ts == 2**28
+
+
 def test_codec_fuzz_cbor_maps() -> None:
     """Maps and arrays of maps with odd keys and values of every CBOR type decode or raise 4.00."""
     assert _fuzz(_maps, 1000) >= 25_000
