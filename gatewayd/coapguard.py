@@ -167,8 +167,10 @@ def overload_answer(data: bytes, max_age: int, mid: int, diagnostic: bytes = b"o
     return head + data[4 : 4 + tkl] + max_age_option + b"\xff" + diagnostic
 
 
-#: Datagrams handed to aiocoap per wakeup of the event loop at most, so that parsing them cannot
-#: starve the rest of the loop; datagrams answered unparsed (a few µs each) do not count.
+#: Datagrams handed to aiocoap per wakeup of the event loop, so that parsing them cannot starve the
+#: rest of the loop. More waiting than that is a backlog: from there on, a request that waited over
+#: ``shed_after_s`` is answered unparsed (a few µs) and reading goes on until a younger one.
+#: (Fewer waiting is a pause of the loop, e.g. a garbage collection, not overload: all are parsed.)
 READ_BURST = 64
 #: Datagrams read per wakeup at most, shed ones included: a bound on one callback's time.
 READ_MAX = 4096
@@ -184,6 +186,7 @@ def harden_udp(interface: Any, shedder: Shedder | None = None) -> None:
     received = interface.datagram_msg_received
     log = interface.log
     parsed = [0]
+    behind = [False]  # READ_BURST datagrams parsed in this wakeup, and more are waiting
     sock = interface.transport.get_extra_info("socket")
     if shedder is not None:
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP, 1)
@@ -191,7 +194,7 @@ def harden_udp(interface: Any, shedder: Shedder | None = None) -> None:
     def datagram_msg_received(data: bytes, ancdata: Any, flags: int, address: Any) -> None:
         if shedder is not None:
             pktinfo, waited, ancdata = _ancillary(ancdata)
-            if waited > shedder.shed_after_s or shedder.active():
+            if (behind[0] and waited > shedder.shed_after_s) or shedder.active():
                 answer = shedder.answer(data, UDP6EndpointAddress(address, interface, pktinfo=pktinfo))
                 if answer is not None:
                     anc = [] if pktinfo is None else [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, pktinfo)]
@@ -234,19 +237,24 @@ def harden_udp(interface: Any, shedder: Shedder | None = None) -> None:
     max_size = transport.max_size
 
     def read_burst() -> None:
-        read_one()  # aiocoap's own: the error queue (ICMP errors for its CONs), then one datagram
         start = parsed[0]
-        for _ in range(READ_MAX):
-            if parsed[0] - start >= READ_BURST:
-                return
-            try:
-                data, ancdata, flags, address = sock.recvmsg(max_size, 1024)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:  # as aiocoap's reader does
-                interface.error_received(e)
-                return
-            datagram_msg_received(data, ancdata, flags, address)
+        read_one()  # aiocoap's own: the error queue (ICMP errors for its CONs), then one datagram
+        try:
+            for _ in range(READ_MAX):
+                try:
+                    data, ancdata, flags, address = sock.recvmsg(max_size, 1024)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as e:  # as aiocoap's reader does
+                    interface.error_received(e)
+                    return
+                before = parsed[0]
+                behind[0] = before - start >= READ_BURST
+                datagram_msg_received(data, ancdata, flags, address)
+                if behind[0] and parsed[0] > before:
+                    return  # past the burst, a young one: the rest waits for the next wakeup
+        finally:
+            behind[0] = False
 
     transport._read_ready = read_burst
 

@@ -52,8 +52,9 @@ class CoapConfig(_Strict):
     max_inflight_requests: Annotated[int, Field(ge=1)] = 512
     #: Max-Age sent with an overload 5.03.
     overload_retry_after_s: Annotated[int, Field(ge=1, le=3600)] = 2
-    #: A request that waited longer than this in the socket's receive queue finds the gateway
-    #: behind: it gets 5.03 "overloaded" without being parsed, so the excess is answered, not dropped.
+    #: Behind a backlog (more requests waiting than one turn of the event loop parses), a request
+    #: that waited longer than this in the socket gets 5.03 "overloaded" without being parsed, so the
+    #: excess is answered, not dropped.
     shed_after_ms: Annotated[float, Field(gt=0, le=10_000)] = 50.0
     #: SO_RCVBUF asked for the CoAP socket; Linux caps it at net.core.rmem_max (logged when it does).
     receive_buffer_bytes: Annotated[int, Field(ge=4096, le=256 * 1024 * 1024)] = 4 * 1024 * 1024

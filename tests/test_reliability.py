@@ -7,6 +7,7 @@ import contextlib
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ import pytest
 from aiocoap.numbers import codes
 from conftest import collect, logged, make_config, post, running, udp_port
 
+from gatewayd.coapguard import READ_BURST
 from gatewayd.testing import Mosquitto
 
 KILLS = 22
@@ -210,43 +212,58 @@ async def test_a_capped_receive_buffer_is_logged_with_the_sysctl(
     assert f"net.core.rmem_max={rmem_max + 4096}" in capped["hint"]
 
 
+def con(mid: int, i: int) -> bytes:
+    """A CON POST of ``{"i": i}`` to /s/n as a node's raw datagram; its token is its message id."""
+    head = bytes([0x42, 0x02]) + mid.to_bytes(2, "big") * 2
+    path_and_format = bytes([0xB1]) + b"s" + bytes([0x01]) + b"n" + bytes([0x11, 60])
+    return head + path_and_format + b"\xff" + cbor2.dumps({"i": i})
+
+
+async def test_a_pause_of_the_event_loop_is_not_overload(tmp_path: Path) -> None:
+    """Requests that waited in the socket through a pause of the event loop (a garbage collection, a
+    slow moment) longer than shed_after_ms, but fewer than a burst, are all parsed and stored."""
+    with Mosquitto() as broker:
+        cfg = make_config(tmp_path, broker.port, coap={"shed_after_ms": 100})
+        async with running(cfg) as app:
+            assert app.intake is not None
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.settimeout(5)
+                for i in range(8):
+                    sock.sendto(con(0x0300 + i, i), ("127.0.0.1", cfg.coap.port))
+                time.sleep(0.3)  # the event loop stands still
+                answers = [await asyncio.to_thread(sock.recv, 2048) for _ in range(8)]
+            shed_early = app.intake.shed_early
+    assert [a[1] for a in answers] == [0x44] * 8 and shed_early == 0
+
+
 @pytest.mark.parametrize("cause", ["inflight", "waited"])
 async def test_overload_sheds_new_requests_but_answers_retransmissions(tmp_path: Path, cause: str) -> None:
-    """At the in-flight limit, or after waiting in the socket longer than shed_after_ms (the gateway
-    is behind), a new CON is answered 5.03 + Max-Age before aiocoap parses it, while a retransmission
-    of a request already taken still gets that request's own 2.04; once caught up, 2.04 again."""
-    import socket
-
-    def con(mid: int, i: int) -> bytes:
-        head = bytes([0x42, 0x02]) + mid.to_bytes(2, "big") + b"\xab\xcd"
-        return (
-            head
-            + bytes([0xB1])
-            + b"s"
-            + bytes([0x01])
-            + b"n"
-            + bytes([0x11, 60, 0xFF])
-            + cbor2.dumps({"i": i})
-        )
-
+    """At the in-flight limit, or behind a backlog (more than a burst waiting) after waiting in the
+    socket longer than shed_after_ms, a new CON is answered 5.03 + Max-Age before aiocoap parses it,
+    while a retransmission of a request already taken still gets that request's own 2.04; once caught
+    up, 2.04 again."""
     with Mosquitto() as broker:
         cfg = make_config(tmp_path, broker.port, coap={"overload_retry_after_s": 4, "shed_after_ms": 100})
         async with running(cfg) as app:
             assert app.intake is not None
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             sock.settimeout(5)
+            other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             gateway = ("127.0.0.1", cfg.coap.port)
             try:
                 sock.sendto(con(0x0101, 1), gateway)
                 first = await asyncio.to_thread(sock.recv, 2048)
                 if cause == "inflight":
                     app.intake.inflight = app.intake.max_inflight  # as if that many were being stored
-                sock.sendto(con(0x0101, 1), gateway)  # the same CON again
+                else:  # a backlog: a burst's worth of other requests ahead of ours
+                    for i in range(READ_BURST):
+                        other.sendto(con(0x1000 + i, i), gateway)
                 sock.sendto(con(0x0202, 2), gateway)  # a new one
+                sock.sendto(con(0x0101, 1), gateway)  # the first CON again
                 if cause == "waited":
-                    time.sleep(0.3)  # the event loop stands still: both wait in the socket
-                again = await asyncio.to_thread(sock.recv, 2048)
+                    time.sleep(0.3)  # the event loop stands still: all of them wait in the socket
                 shed = aiocoap.Message.decode(await asyncio.to_thread(sock.recv, 2048))
+                again = await asyncio.to_thread(sock.recv, 2048)
                 shed_early = app.intake.shed_early
                 app.intake.inflight = 0
                 sock.sendto(con(0x0303, 3), gateway)
@@ -254,12 +271,13 @@ async def test_overload_sheds_new_requests_but_answers_retransmissions(tmp_path:
             finally:
                 app.intake.inflight = 0
                 sock.close()
+                other.close()
     assert first[1] == 0x44 and again == first  # 2.04, answered from the duplicate cache
     assert (shed.mtype, shed.code, shed.mid, shed.token) == (
         aiocoap.ACK,
         codes.SERVICE_UNAVAILABLE,
         0x0202,
-        b"\xab\xcd",
+        b"\x02\x02",
     )
     assert shed.opt.max_age == 4 and shed.payload == b"overloaded"
     assert shed_early == 1  # answered by the front, not by intake after aiocoap parsed it
