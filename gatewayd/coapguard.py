@@ -13,6 +13,8 @@ the journal per datagram. Here:
   aiocoap's decoder raises on is decoded again leniently (an undecodable critical
   option is remembered for :func:`check_options`, an undecodable elective one is
   ignored, as RFC 7252 §5.4.1 says), and nothing escapes into asyncio's handler.
+  It also reads the socket in bursts and, behind a backlog, answers requests that
+  waited too long 5.03 unparsed (the shedding: see ``READ_BURST``).
 
 Block1 reassembly (4.08 for a gap, bounded memory) is in :mod:`gatewayd.uploads`.
 """
