@@ -189,6 +189,7 @@ def harden_udp(interface: Any, shedder: Shedder | None = None) -> None:
     log = interface.log
     parsed = [0]
     behind = [False]  # READ_BURST datagrams parsed in this wakeup, and more are waiting
+    young = [True]  # the last datagram waited less than shed_after_s
     sock = interface.transport.get_extra_info("socket")
     if shedder is not None:
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP, 1)
@@ -196,7 +197,8 @@ def harden_udp(interface: Any, shedder: Shedder | None = None) -> None:
     def datagram_msg_received(data: bytes, ancdata: Any, flags: int, address: Any) -> None:
         if shedder is not None:
             pktinfo, waited, ancdata = _ancillary(ancdata)
-            if (behind[0] and waited > shedder.shed_after_s) or shedder.active():
+            young[0] = waited <= shedder.shed_after_s
+            if (behind[0] and not young[0]) or shedder.active():
                 answer = shedder.answer(data, UDP6EndpointAddress(address, interface, pktinfo=pktinfo))
                 if answer is not None:
                     anc = [] if pktinfo is None else [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, pktinfo)]
@@ -253,8 +255,8 @@ def harden_udp(interface: Any, shedder: Shedder | None = None) -> None:
                 before = parsed[0]
                 behind[0] = before - start >= READ_BURST
                 datagram_msg_received(data, ancdata, flags, address)
-                if behind[0] and parsed[0] > before:
-                    return  # past the burst, a young one: the rest waits for the next wakeup
+                if behind[0] and parsed[0] > before and young[0]:
+                    return  # past the burst, a young one parsed: the rest waits for the next wakeup
         finally:
             behind[0] = False
 

@@ -258,12 +258,12 @@ async def test_overload_sheds_new_requests_but_answers_retransmissions(tmp_path:
                 else:  # a backlog: a burst's worth of other requests ahead of ours
                     for i in range(READ_BURST):
                         other.sendto(con(0x1000 + i, i), gateway)
-                sock.sendto(con(0x0202, 2), gateway)  # a new one
                 sock.sendto(con(0x0101, 1), gateway)  # the first CON again
+                sock.sendto(con(0x0202, 2), gateway)  # a new one
                 if cause == "waited":
                     time.sleep(0.3)  # the event loop stands still: all of them wait in the socket
-                shed = aiocoap.Message.decode(await asyncio.to_thread(sock.recv, 2048))
                 again = await asyncio.to_thread(sock.recv, 2048)
+                shed = aiocoap.Message.decode(await asyncio.to_thread(sock.recv, 2048))
                 shed_early = app.intake.shed_early
                 app.intake.inflight = 0
                 sock.sendto(con(0x0303, 3), gateway)
