@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gatewayd import jsonfile
+
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -186,7 +188,7 @@ def write_manifest(
         if doc[key] is None:
             del doc[key]
     (folder / SIGNATURE_NAME).unlink(missing_ok=True)
-    _write_json(folder / MANIFEST_NAME, doc)
+    jsonfile.write(folder / MANIFEST_NAME, doc, sort_keys=True)
     return manifest
 
 
@@ -313,7 +315,11 @@ def sign_bundle(folder: Path, private_key: Path | Ed25519PrivateKey) -> str:
     _verify_files(folder, _parse(folder, raw))
     kid = key_id(private_key.public_key())
     signature = base64.b64encode(private_key.sign(raw)).decode("ascii")
-    _write_json(folder / SIGNATURE_NAME, {"algorithm": "ed25519", "key_id": kid, "signature": signature})
+    jsonfile.write(
+        folder / SIGNATURE_NAME,
+        {"algorithm": "ed25519", "key_id": kid, "signature": signature},
+        sort_keys=True,
+    )
     return kid
 
 
@@ -461,16 +467,6 @@ def _more(paths: list[str], what: str) -> str:
         return ""
     shown = ", ".join(rest[:3]) + (", …" if len(rest) > 3 else "")
     return f"; {len(rest)} more {what}: {shown}"
-
-
-def _write_json(path: Path, doc: Mapping[str, Any]) -> None:
-    """Sorted, indented JSON, replaced atomically: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _read_manifest_bytes(folder: Path) -> bytes:

@@ -20,12 +20,12 @@ import json
 import os
 import secrets
 import sys
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gatewayd import jsonfile
 from gatewayd.intake import NODE_ID
 
 #: Files in a context directory that carry its parameters (aiocoap reads both, "secret.json" singular).
@@ -124,22 +124,6 @@ class Provisioned:
     recipient_id: bytes
 
 
-def _write_json(path: Path, data: Mapping[str, Any], mode: int = 0o644) -> None:
-    """Replace ``path`` atomically: a crash leaves the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _recipient_ids(entries: list[Entry]) -> set[bytes]:
     used = set()
     for e in entries:
@@ -162,8 +146,8 @@ def _write_context(d: Path, sender_id: bytes, recipient_id: bytes, secret: bytes
     # A new key starts a new sequence: the old numbers (and lock) belong to the old key.
     for stale in (SEQUENCE, "lock"):
         (d / stale).unlink(missing_ok=True)
-    _write_json(d / SETTINGS, {"sender-id_hex": sender_id.hex(), "recipient-id_hex": recipient_id.hex()})
-    _write_json(d / SECRET, {"secret_hex": secret.hex(), "salt_hex": salt.hex()}, mode=0o600)
+    jsonfile.write(d / SETTINGS, {"sender-id_hex": sender_id.hex(), "recipient-id_hex": recipient_id.hex()})
+    jsonfile.write(d / SECRET, {"secret_hex": secret.hex(), "salt_hex": salt.hex()}, mode=0o600)
 
 
 def provision(
@@ -202,13 +186,13 @@ def provision(
     _write_context(context, b"", recipient_id, secret, salt)
     node_dir = node_dir if node_dir is not None else directory / "nodes" / node
     _write_context(node_dir / NODE_CONTEXT, recipient_id, b"", secret, salt)
-    _write_json(
+    jsonfile.write(
         node_dir / NODE_MAP, {f"{gateway.rstrip('/')}/*": {"oscore": {"basedir": f"{NODE_CONTEXT}/"}}}
     )
     if not mine:
         rel = os.path.relpath(context, directory)
         data[label] = {"oscore": {"basedir": f"{rel}/"}}
-        _write_json(gateway_map, data)
+        jsonfile.write(gateway_map, data)
     return Provisioned(node, gateway_map, context, node_dir, recipient_id)
 
 

@@ -200,7 +200,6 @@ class Updater:
         self.trusted_keys = trusted_keys
         self.require_signature = require_signature
         self._task: asyncio.Task[bool] | None = None
-        self._busy_with: str | None = None
 
     def submit(self, payload: bytes) -> None:
         """An MQTT command: refused at once if malformed or while another update runs."""
@@ -214,12 +213,10 @@ class Updater:
             self._step(cmd.id, cmd.plugin, "refused", stage="command", error=why)
             return
         if self._task is not None and not self._task.done():
-            self._step(
-                cmd.id, cmd.plugin, "refused", stage="command", error=f"busy with update {self._busy_with}"
-            )
+            busy = f"busy with update {self._task.get_name().removeprefix('update:')}"
+            self._step(cmd.id, cmd.plugin, "refused", stage="command", error=busy)
             return
-        self._busy_with = cmd.id or str(cmd.bundle)
-        self._task = asyncio.create_task(self.run(cmd), name=f"update:{cmd.plugin}")
+        self._task = asyncio.create_task(self.run(cmd), name=f"update:{cmd.id or cmd.bundle}")
 
     def cancel(self) -> None:
         if self._task is not None:
@@ -240,9 +237,8 @@ class Updater:
 
         step("received", bundle=str(cmd.bundle))
         try:
-            m = self.store.install(
-                cmd.plugin, cmd.bundle, self.trusted_keys, require_signature=self.require_signature
-            )
+            # Signed, always: ``submit`` refuses every command where signatures are not required.
+            m = self.store.install(cmd.plugin, cmd.bundle, self.trusted_keys, require_signature=True)
         except (bundle.BundleError, OSError) as e:
             step("refused", stage="verify", error=str(e))
             return False
@@ -327,21 +323,18 @@ class Updater:
         if not compared:  # a quiet gateway: the new model's warm-up on its sample is all there is
             report["note"] = f"no live reading in {policy.shadow_timeout_s:g} s"
             return Verdict(report, None, policy.latency_budget_ms or 0.0)
-        budget = policy.latency_budget_ms or 2 * _p95(current_ms)
+        agreement, current_p95, new_p95 = agreed / compared, _p95(current_ms), _p95(new_ms)
+        budget = policy.latency_budget_ms or 2 * current_p95
         report |= {
-            "agreement": round(agreed / compared, 4),
-            "p95_ms": {"current": round(_p95(current_ms), 3), "new": round(_p95(new_ms), 3)},
+            "agreement": round(agreement, 4),
+            "p95_ms": {"current": round(current_p95, 3), "new": round(new_p95, 3)},
             "budget_ms": round(budget, 3),
         }
-        if agreed / compared < policy.min_agreement:
+        if agreement < policy.min_agreement:
             return Verdict(
-                report,
-                f"agreement {agreed / compared:.1%} < min_agreement {policy.min_agreement:.1%}",
-                budget,
+                report, f"agreement {agreement:.1%} < min_agreement {policy.min_agreement:.1%}", budget
             )
-        if _p95(new_ms) > budget:
-            return Verdict(report, f"p95 {_p95(new_ms):.3g} ms per reading > budget {budget:.3g} ms", budget)
-        return Verdict(report, None, budget)
+        return Verdict(report, _over_budget(new_p95, budget), budget)
 
     async def _probation(self, probe: Probe, policy: UpdatePolicy, budget_ms: float) -> str | None:
         """Why the new bundle must go (a failure, or over budget); None once it has served its probation."""
@@ -352,9 +345,11 @@ class Updater:
             await asyncio.sleep(0.05)
         if probe.failures:
             return probe.failures[0]
-        if budget_ms and probe.latencies_ms and (p95 := _p95(probe.latencies_ms)) > budget_ms:
-            return f"p95 {p95:.3g} ms per reading > budget {budget_ms:.3g} ms"
-        return None
+        return _over_budget(_p95(probe.latencies_ms), budget_ms) if budget_ms and probe.latencies_ms else None
+
+
+def _over_budget(p95_ms: float, budget_ms: float) -> str | None:
+    return f"p95 {p95_ms:.3g} ms per reading > budget {budget_ms:.3g} ms" if p95_ms > budget_ms else None
 
 
 @dataclass(frozen=True)

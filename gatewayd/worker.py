@@ -77,13 +77,13 @@ def serve(src: BinaryIO, dst: BinaryIO) -> int:
         send({"state": "warming"})
         t0 = time.perf_counter()
         plugin.process(list(plugin.sample()))
-        keys = None if plugin.answer_keys is None else list(plugin.answer_keys)
+        warmup_s = time.perf_counter() - t0
         send(
             {
                 "state": "ready",
-                "warmup_s": time.perf_counter() - t0,
+                "warmup_s": warmup_s,
                 "version": plugin.version,
-                "answer_keys": keys,
+                "answer_keys": plugin.answer_keys,
             }
         )
     except Exception as e:

@@ -96,7 +96,7 @@ def test_converted_model_generates_what_torch_generates(
         assert check.max_abs_diff < 1e-3 and check.same_argmax == 1.0, check
         assert got == want[: len(got)] and len(got) >= 1
     else:
-        assert check.min_cosine > 0.99 and check.passes("int8"), check
+        assert check.min_cosine > 0.99, check  # stricter than convert's own int8 bar (MIN_COSINE)
         assert got[0] == want[0]  # later tokens may part ways once a near-tie flips
         weights = sum(p.stat().st_size for p in out.iterdir())
         fp32 = conv.convert(checkpoint, tmp_path / "fp32-ref", "fp32", verify=False)

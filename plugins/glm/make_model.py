@@ -407,8 +407,11 @@ def main(argv: list[str] | None = None) -> int:
     builds: dict[str, Path] = {}
     for precision in ("fp32", "int8"):
         t0 = time.perf_counter()
-        builds[precision] = conv.convert(ckpt, work / precision, precision)  # type: ignore[arg-type]
+        # Checked here rather than inside convert (verify=False): the same comparison, run once, printed.
+        builds[precision] = conv.convert(ckpt, work / precision, precision, verify=False)  # type: ignore[arg-type]
         check = conv.compare_logits(ckpt, builds[precision])
+        if not check.passes(precision):  # type: ignore[arg-type]
+            raise SystemExit(f"converted model does not match the torch model ({precision}): {check}")
         print(f"convert {precision}: {time.perf_counter() - t0:.1f} s; vs torch logits max |diff| "
               f"{check.max_abs_diff:.2e} (scale {check.max_abs_logit:.1f}), "
               f"min cosine {check.min_cosine:.6f}, same argmax {check.same_argmax:.0%}")  # fmt: skip

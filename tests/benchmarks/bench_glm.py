@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import statistics
 import sys
@@ -62,7 +63,7 @@ def ttft_requests(plugin: GlmPlugin, n: int) -> list[list[int]]:
     """The first ``n`` held-out requests whose encoding is 18-22 tokens long."""
     pool = intents.examples("heldout", 40 * n, seed=HELDOUT_SEED)
     encoded = (plugin._encode(intents.request_text(t)) for t, _ in pool)
-    picked = [r for r in encoded if len(r) in TTFT_TOKENS][:n]
+    picked = list(itertools.islice((r for r in encoded if len(r) in TTFT_TOKENS), n))
     if len(picked) < n:
         raise SystemExit(f"only {len(picked)} held-out requests of {TTFT_TOKENS} tokens, not {n}")
     return picked

@@ -89,10 +89,11 @@ class PrefixCachedGenerator:
         self.prefix_len = len(prefix)
         self._eos = eos
 
-    def run(self, tokens: Sequence[int], max_new: int, deadline: float) -> tuple[list[int], float, bool, int]:
-        """(new tokens, seconds to the first one, finished, decode steps) for ``tokens`` after the prefix.
+    def run(self, tokens: Sequence[int], max_new: int, deadline: float) -> tuple[list[int], float, bool]:
+        """(new tokens, seconds to the first one, finished) for ``tokens`` after the prefix.
 
-        ``finished``: the end-of-sequence token came (it is not in the tokens, but is a step).
+        ``finished``: the end-of-sequence token came (it is not in the tokens, but is a decode step:
+        the steps are ``len(tokens) + finished``).
         Raises TimeoutError when ``deadline`` (a perf_counter time) passes first."""
         gen = self._gen
         start = time.perf_counter()
@@ -100,19 +101,17 @@ class PrefixCachedGenerator:
         gen.append_tokens(list(tokens))
         out: list[int] = []
         ttft = 0.0
-        steps = 0
         while not gen.is_done() and len(out) < max_new:
             if time.perf_counter() > deadline:
                 raise TimeoutError(f"deadline passed after {len(out)} output tokens")
             gen.generate_next_token()
-            steps += 1
-            if steps == 1:
+            if not out:
                 ttft = time.perf_counter() - start
             token = int(gen.get_next_tokens()[0])
             if token in self._eos:
-                return out, ttft, True, steps
+                return out, ttft, True
             out.append(token)
-        return out, ttft, False, steps  # cut at max_new (or max_length): not a whole answer
+        return out, ttft, False  # cut at max_new (or max_length): not a whole answer
 
 
 class GlmPlugin(Plugin):
@@ -241,7 +240,8 @@ class GlmPlugin(Plugin):
             gen = self._generators[prompt] = self._generator(self.settings.strict_prompt)
         assert self._tokenizer is not None
         start = time.perf_counter()
-        tokens, ttft, finished, steps = gen.run(request, self.settings.max_output_tokens, deadline)
+        tokens, ttft, finished = gen.run(request, self.settings.max_output_tokens, deadline)
+        steps = len(tokens) + finished
         decode_s = time.perf_counter() - start - ttft  # the steps after the first: the prefill is in ttft
         return Generation(
             text=self._tokenizer.decode(tokens) if tokens else "",

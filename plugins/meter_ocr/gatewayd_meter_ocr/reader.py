@@ -69,8 +69,6 @@ _SPACE_IN_NUMBER = re.compile(r"(?<=[\d.])\s+(?=[\d.])")
 _DECIMAL_COMMA = re.compile(r"(?<=\d),(?=\d)")
 # PP-OCRv4's dictionary (Chinese) also holds the full-width digits, which it writes for some drums.
 _FULL_WIDTH_DIGITS = {0xFF10 + d: ord("0") + d for d in range(10)}  # U+FF10..FF19 -> "0".."9"
-# Rule 8 guards against a tailed 7 read as 9: a reading without a 9 cannot be that error.
-VERIFY_DIGITS = frozenset("9")
 # Outcomes of the first extraction that a re-read of the whole row can fix (see MeterReader.finish).
 _ROW_REREAD_REASONS = frozenset({"mismatch", "ambiguous", "doubtful_char", "low_confidence"})
 
@@ -324,7 +322,8 @@ class MeterReader:
                     out = replace(second, text=text, reason="ok_row")
                 else:
                     out = replace(out, text=text)
-        if out.value is not None and out.quad is not None and o.verify and VERIFY_DIGITS & set(out.value):
+        # Rule 8 guards against a tailed 7 read as 9: a reading without a 9 cannot be that error.
+        if out.value is not None and out.quad is not None and o.verify and "9" in out.value:
             t2 = time.perf_counter()
             stable = self._stable(scan.image, out.quad, out.value, o)
             timings["verify"] = (time.perf_counter() - t2) * 1e3
@@ -538,9 +537,9 @@ def _confirmed(row: Region, seed: _Line) -> Region:
     """The row re-read with each digit that matches a first-seen one, in order, as probable as in
     either look: two looks at the same digit that agree. (The digits the first look missed, mostly
     at the row's ends, where the strip is read with less context, keep the row's own probability.)"""
-    text, probs = _normalise(row.text, row.char_probs)
     if len(row.char_probs) != len(row.text):
         return row
+    text, probs = _normalise(row.text, row.char_probs)
     j = 0
     for i, c in enumerate(text):
         while j < len(seed.text) and not seed.text[j].isdigit():
