@@ -7,11 +7,12 @@ Needs the ``models`` extra of gatewayd (onnx, tqdm). Steps, all measured in this
 
 1. Calibration inputs: the project's rendered calibration frames (seeds disjoint from the
    evaluation set's), each resized and normalised exactly as the reader feeds the detector.
-2. ``gatewayd.quantize``: opset upgrade to 13, pre-processing, static QOperator INT8 with
-   per-channel weights and uint8 activations (int8 activations were slower here), only Conv nodes,
-   the first Conv kept in float (the image's raw range quantizes badly; with every op type the
-   Add/Mul activations cost agreement). It reports size, latency and how often the probability
-   masks agree (IoU >= 0.8 at the DB threshold 0.3) on evaluation frames.
+2. ``gatewayd.graphopt`` (each conv's scalar affine folded into it, one HardSwish per
+   hard-swish: the graph the reader runs in FP32), then ``gatewayd.quantize``: pre-processing,
+   static QOperator INT8 with per-channel weights and uint8 activations (int8 activations were
+   slower here), only Conv nodes, the first Conv kept in float (the image's raw range quantizes
+   badly; with every op type the Add/Mul activations cost agreement). It reports size, latency
+   and how often the probability masks agree (IoU >= 0.8 at the DB threshold 0.3) on evaluation frames.
 3. What counts: the whole pipeline (detector INT8, recognizer FP32) vs all-FP32 on the evaluation
    set. The model is kept only if it gives no confident wrong answer that FP32 did not, and its
    exact-match accuracy is at most ``--max-drop`` below FP32's (default 0.5 points: one frame in
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from gatewayd_meter_ocr.frames import dataset
 from gatewayd_meter_ocr.plugin import INT8_DETECTOR
 from gatewayd_meter_ocr.reader import DEFAULT_DET_MODEL, MeterReader, ReaderOptions, packaged_model
 
+from gatewayd import graphopt
 from gatewayd import quantize as qz
 
 OUT = Path(str(resources.files("gatewayd_meter_ocr"))) / "models" / INT8_DETECTOR
@@ -53,21 +56,26 @@ def main() -> int:
     calibration = [fp32.detector_input(f.image) for f in dataset("calibration", args.calibration)]
     frames = dataset("eval", args.eval)
     out.parent.mkdir(exist_ok=True)
-    report = qz.quantize(
-        packaged_model(DEFAULT_DET_MODEL),
-        out,
-        evaluation=[fp32.detector_input(f.image) for f in frames[:40]],
-        method="static",
-        calibration=calibration,
-        quant_format="qoperator",
-        per_channel=True,
-        activations="uint8",
-        op_types=["Conv"],
-        exclude=args.exclude,
-        metric=qz.MaskIoU(0.3, 0.8),
-        min_agreement=0.0,  # informative only: the OCR check below decides
-        threads=args.threads,
-    )
+    optimized, rewrites = graphopt.optimized_bytes(packaged_model(DEFAULT_DET_MODEL))
+    print(f"graphopt: {rewrites}")
+    with tempfile.NamedTemporaryFile(suffix=".onnx") as fp32_model:
+        fp32_model.write(optimized)
+        fp32_model.flush()
+        report = qz.quantize(
+            fp32_model.name,
+            out,
+            evaluation=[fp32.detector_input(f.image) for f in frames[:40]],
+            method="static",
+            calibration=calibration,
+            quant_format="qoperator",
+            per_channel=True,
+            activations="uint8",
+            op_types=["Conv"],
+            exclude=args.exclude,
+            metric=qz.MaskIoU(0.3, 0.8),
+            min_agreement=0.0,  # informative only: the OCR check below decides
+            threads=args.threads,
+        )
     print("\n".join(report.lines()))
 
     int8 = MeterReader(ReaderOptions(det_model=str(out), threads=args.threads))
