@@ -18,7 +18,8 @@ Needs the ``models`` extra of gatewayd (onnx, tqdm). Steps, all measured in this
    exact-match accuracy is at most ``--max-drop`` below FP32's (default 0.5 points: one frame in
    200 may become "uncertain"); otherwise this script exits 1 and removes it.
 
-The recognizer is not quantized: static INT8 broke it ('0427.3' -> 'Q427.3'; DESIGN.md §6).
+The recognizer is not quantized: static INT8 broke it ('0427.3' -> 'Q427.3'; DESIGN.md §6), and no
+post-training variant tried since holds (the main README's meter OCR benchmark).
 """
 
 from __future__ import annotations

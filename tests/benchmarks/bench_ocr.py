@@ -5,8 +5,9 @@ vs the same pipeline called directly.
     .venv/bin/python tests/benchmarks/bench_ocr.py [--frames 200] [--e2e-frames 60] [--threads 1]
 
 1. Accuracy and latency: the evaluation set (``gatewayd_meter_ocr.frames.dataset("eval", N)``), each
-   frame read by both pipelines in one run, alternating which goes first; the reader is told the
-   meter's digits and decimals, as a deployed camera's config does. Exact match = the value string
+   frame read by both pipelines (and the FP32 one without ``gatewayd.graphopt``) in one run,
+   alternating which goes first; the reader is told the meter's digits and decimals, as a deployed
+   camera's config does. Exact match = the value string
    equals the rendered one (leading zeros, decimals); "wrong" = a confident answer that is not it.
 2. Throughput: M frames of one meter format (6 digits, 1 decimal, the three styles, JPEG 8-101 KB).
    Direct: ``MeterReader.read`` on each, one after another, in this process. Gateway: ``gatewayd
@@ -88,14 +89,20 @@ def main() -> int:
 
     if args.frames:
         frames = dataset("eval", args.frames)
-        seen = compare(frames, {v: pipeline({"detector": v}, args.threads) for v in ("fp32", "int8")})
-        (f, _), (q, _) = seen["fp32"], seen["int8"]
-        print(f"{'pipeline':<22} {'exact':>7} {'uncertain':>9} {'wrong':>5} {'p50 ms':>7} {'mean ms':>8}")
-        for name, t in (("all-FP32", f), ("shipped (INT8 det)", q)):
+        readers = {v: pipeline({"detector": v}, args.threads) for v in ("fp32", "int8")}
+        # The same FP32 models without gatewayd.graphopt's rewrites: what those buy.
+        published = MeterReader(replace(readers["fp32"].options, optimize_graphs=False))
+        seen = compare(frames, {**readers, "published": published})
+        (f, f_values), (q, _), (p, p_values) = seen["fp32"], seen["int8"], seen["published"]
+        print(f"{'pipeline':<30} {'exact':>7} {'uncertain':>9} {'wrong':>5} {'p50 ms':>7} {'mean ms':>8}")
+        for name, t in (("all-FP32", f), ("shipped (INT8 det)", q), ("all-FP32, graphs as published", p)):
             print(
-                f"{name:<22} {t.correct / len(frames):7.1%} {t.uncertain:9d} {t.wrong:5d} "
+                f"{name:<30} {t.correct / len(frames):7.1%} {t.uncertain:9d} {t.wrong:5d} "
                 f"{statistics.median(t.latencies_ms):7.1f} {statistics.fmean(t.latencies_ms):8.1f}"
             )
+        same = sum(a == b for a, b in zip(f_values, p_values, strict=True))
+        rewritten = statistics.median(f.latencies_ms) / statistics.median(p.latencies_ms)
+        print(f"graph rewrites: p50 {rewritten:.2f}x of as published, {same}/{len(frames)} same values")
         print(
             f"latency INT8-det / FP32: "
             f"p50 {statistics.median(q.latencies_ms) / statistics.median(f.latencies_ms):.2f}, "
