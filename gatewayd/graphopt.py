@@ -13,7 +13,10 @@ Needs ``onnx`` (a dependency of the meter_ocr plugin and of gatewayd's ``models`
 
 from __future__ import annotations
 
+import tempfile
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -84,12 +87,21 @@ def optimize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Rewrites]:
     return model, Rewrites(folded, hardswish)
 
 
-def optimized_bytes(path: str) -> tuple[bytes, Rewrites]:
-    """The serialized :func:`optimize` of the ONNX file at ``path``."""
+@contextmanager
+def optimized_file(path: str) -> Iterator[tuple[str, Rewrites]]:
+    """(a file holding :func:`optimize` of the ONNX file at ``path``, the rewrites made), for a tool
+    that takes a path (rapidocr, the quantizer); ``path`` itself when there was nothing to rewrite.
+    The file is temporary: onnxruntime reads it once, when the session is created."""
     import onnx
 
     model, done = optimize(onnx.load(path))
-    return model.SerializeToString(), done
+    if not done:
+        yield path, done
+        return
+    with tempfile.NamedTemporaryFile(suffix=".onnx") as f:
+        f.write(model.SerializeToString())
+        f.flush()
+        yield f.name, done
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -113,7 +125,7 @@ def _fold_affine(g: _Graph, conv: onnx.NodeProto) -> int:
         other = nxt.input[1] if nxt.input[0] == conv.output[0] else nxt.input[0]
         v = g.scalar(other)
         w = g.consts.get(conv.input[1])
-        if v is None or w is None or other == conv.output[0]:
+        if v is None or w is None:
             return done
         b = g.consts.get(conv.input[2]) if len(conv.input) > 2 else np.zeros(w.shape[0], w.dtype)
         if b is None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -57,13 +56,10 @@ def main() -> int:
     calibration = [fp32.detector_input(f.image) for f in dataset("calibration", args.calibration)]
     frames = dataset("eval", args.eval)
     out.parent.mkdir(exist_ok=True)
-    optimized, rewrites = graphopt.optimized_bytes(packaged_model(DEFAULT_DET_MODEL))
-    print(f"graphopt: {rewrites}")
-    with tempfile.NamedTemporaryFile(suffix=".onnx") as fp32_model:
-        fp32_model.write(optimized)
-        fp32_model.flush()
+    with graphopt.optimized_file(packaged_model(DEFAULT_DET_MODEL)) as (fp32_model, rewrites):
+        print(f"graphopt: {rewrites}")
         report = qz.quantize(
-            fp32_model.name,
+            fp32_model,
             out,
             evaluation=[fp32.detector_input(f.image) for f in frames[:40]],
             method="static",

@@ -7,8 +7,8 @@ vs the same pipeline called directly.
 1. Accuracy and latency: the evaluation set (``gatewayd_meter_ocr.frames.dataset("eval", N)``), each
    frame read by both pipelines (and the FP32 one without ``gatewayd.graphopt``) in one run,
    alternating which goes first; the reader is told the meter's digits and decimals, as a deployed
-   camera's config does. Exact match = the value string
-   equals the rendered one (leading zeros, decimals); "wrong" = a confident answer that is not it.
+   camera's config does. Exact match = the value string equals the rendered one (leading zeros,
+   decimals); "wrong" = a confident answer that is not it.
 2. Throughput: M frames of one meter format (6 digits, 1 decimal, the three styles, JPEG 8-101 KB).
    Direct: ``MeterReader.read`` on each, one after another, in this process. Gateway: ``gatewayd
    run`` (its own process) with the ``meter_ocr`` plugin (one worker, the same threads); 4 camera
@@ -93,15 +93,15 @@ def main() -> int:
         # The same FP32 models without gatewayd.graphopt's rewrites: what those buy.
         published = MeterReader(replace(readers["fp32"].options, optimize_graphs=False))
         seen = compare(frames, {**readers, "published": published})
-        (f, f_values), (q, _), (p, p_values) = seen["fp32"], seen["int8"], seen["published"]
+        (f, f_values), (q, _), (pub, pub_values) = seen["fp32"], seen["int8"], seen["published"]
         print(f"{'pipeline':<30} {'exact':>7} {'uncertain':>9} {'wrong':>5} {'p50 ms':>7} {'mean ms':>8}")
-        for name, t in (("all-FP32", f), ("shipped (INT8 det)", q), ("all-FP32, graphs as published", p)):
+        for name, t in (("all-FP32", f), ("shipped (INT8 det)", q), ("all-FP32, graphs as published", pub)):
             print(
                 f"{name:<30} {t.correct / len(frames):7.1%} {t.uncertain:9d} {t.wrong:5d} "
                 f"{statistics.median(t.latencies_ms):7.1f} {statistics.fmean(t.latencies_ms):8.1f}"
             )
-        same = sum(a == b for a, b in zip(f_values, p_values, strict=True))
-        rewritten = statistics.median(f.latencies_ms) / statistics.median(p.latencies_ms)
+        same = sum(a == b for a, b in zip(f_values, pub_values, strict=True))
+        rewritten = statistics.median(f.latencies_ms) / statistics.median(pub.latencies_ms)
         print(f"graph rewrites: p50 {rewritten:.2f}x of as published, {same}/{len(frames)} same values")
         print(
             f"latency INT8-det / FP32: "

@@ -47,10 +47,9 @@ from __future__ import annotations
 import io
 import math
 import re
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -238,8 +237,8 @@ class MeterReader:
                 raise FileNotFoundError(f"model not found: {p}")
         threads = {"intra_op_num_threads": o.threads, "inter_op_num_threads": 1}
         with (
-            _optimized(det_path, o.optimize_graphs) as det_file,
-            _optimized(rec_path, o.optimize_graphs) as rec_file,
+            _model_file(det_path, o.optimize_graphs) as (det_file, _),
+            _model_file(rec_path, o.optimize_graphs) as (rec_file, _),
         ):
             # rapidocr's own defaults (config.yaml) except: we scale the detector input ourselves, so its
             # "min" resize with a tiny limit never rescales (its "max" mode ignores limit_side_len < 960).
@@ -425,20 +424,11 @@ class MeterReader:
         return list(self._sorted_boxes(np.asarray(boxes, dtype=np.float32) / np.float32(scale)))
 
 
-@contextmanager
-def _optimized(path: str, enabled: bool) -> Iterator[str]:
-    """``path``, or a temporary file holding its ``gatewayd.graphopt`` rewrite while rapidocr builds the
-    session from it (rapidocr takes a path; onnxruntime reads the file once, at session creation)."""
+def _model_file(path: str, optimize: bool) -> AbstractContextManager[tuple[str, object]]:
+    """The model file rapidocr is to load: rewritten by ``gatewayd.graphopt`` unless not to be."""
     from gatewayd import graphopt
 
-    data, done = graphopt.optimized_bytes(path) if enabled else (b"", graphopt.Rewrites(0, 0))
-    if not done:
-        yield path
-        return
-    with tempfile.NamedTemporaryFile(suffix=".onnx") as f:
-        f.write(data)
-        f.flush()
-        yield f.name
+    return graphopt.optimized_file(path) if optimize else nullcontext((path, None))
 
 
 def decode(image: bytes) -> ImageArray:
